@@ -1,0 +1,183 @@
+/*! \file
+ *  \brief The CUDA backend's foundation: the backend::Cuda tag (stream + device), error
+ *         checking, an owning device buffer, the kernel-declaration macro, and device_fill, the
+ *         smallest real kernel (it proves the host/device seam and the build).
+ *
+ *  Layout of the backend: one .cuh per operator under backend/cuda/, each with its kernels
+ *  (namespace backend::cuda::kernel, declared MAMBABYTE_KERNEL) and a host launcher that takes
+ *  `Cuda const&`, selects the device with ScopedDevice, launches on `be.stream` and checks the
+ *  launch with MAMBABYTE_CUDA_CHECK(cudaGetLastError()). device_fill below is the template.
+ *  Reached only through <mambabyte/cuda.hpp>.
+ */
+#pragma once
+
+#if !defined(__CUDACC__)
+#error "backend/cuda headers need nvcc; include <mambabyte/cuda.hpp> from a .cu file"
+#endif
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <type_traits>
+#include <utility>
+
+#include "mambabyte/core/config.hpp"
+#include "mambabyte/core/error.hpp"
+#include "mambabyte/policy/policy.hpp"
+
+/// Declares a kernel. Hidden visibility keeps each shared object's kernels its own: with default
+/// visibility, two .so files built from these headers would share one kernel symbol and a launch
+/// from the other library can silently do nothing (NVIDIA/cccl#166).
+#define MAMBABYTE_KERNEL __global__ __attribute__((visibility("hidden")))
+
+/// Evaluates a CUDA runtime call; on failure throws mambabyte::Error naming the file, line,
+/// the call and CUDA's own description of the error.
+#define MAMBABYTE_CUDA_CHECK(expr)                                                           \
+  do {                                                                                       \
+    cudaError_t const mambabyte_cuda_status_ = (expr);                                       \
+    if (mambabyte_cuda_status_ != cudaSuccess)                                               \
+      ::mambabyte::backend::cuda::detail::throw_cuda_error(mambabyte_cuda_status_, #expr,   \
+                                                           __FILE__, __LINE__);              \
+  } while (0)
+
+namespace mambabyte::backend {
+
+/// CUDA backend: where work runs. `stream` nullptr is the device's legacy default stream.
+/// Completes the declaration in policy/policy.hpp.
+struct Cuda {
+  cudaStream_t stream = nullptr;
+  int device = 0;
+};
+
+namespace cuda {
+
+namespace detail {
+[[noreturn]] inline void throw_cuda_error(cudaError_t status, char const* expr, char const* file,
+                                          int line) {
+  fail(file, ":", line, ": CUDA error ", cudaGetErrorName(status), " (",
+       cudaGetErrorString(status), ") from ", expr);
+}
+}  // namespace detail
+
+/// Makes `device` current for the guard's lifetime and restores the previous one afterwards
+/// (only touches the runtime when they differ).
+class ScopedDevice {
+ public:
+  explicit ScopedDevice(int device) {
+    MAMBABYTE_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (device != previous_) MAMBABYTE_CUDA_CHECK(cudaSetDevice(device));
+    current_ = device;
+  }
+  ~ScopedDevice() {
+    if (current_ != previous_) (void)cudaSetDevice(previous_);  // never throw from a destructor
+  }
+  ScopedDevice(ScopedDevice const&) = delete;
+  ScopedDevice& operator=(ScopedDevice const&) = delete;
+
+ private:
+  int previous_ = 0;
+  int current_ = 0;
+};
+
+/// Owning, move-only array of `size()` elements of T in device memory (cudaMalloc/cudaFree).
+/// The contents start uninitialised. Host copies are ordered on the given stream and complete
+/// before they return (the host pointer may be pageable memory).
+template <class T>
+class DeviceBuffer {
+  static_assert(std::is_trivially_copyable_v<T>, "DeviceBuffer holds trivially copyable types");
+
+ public:
+  DeviceBuffer() = default;
+  /// Allocates on the current device.
+  explicit DeviceBuffer(std::size_t n) { allocate(n); }
+  /// Allocates on `be.device`.
+  DeviceBuffer(std::size_t n, Cuda const& be) {
+    ScopedDevice guard(be.device);
+    allocate(n);
+  }
+  ~DeviceBuffer() { release(); }
+
+  DeviceBuffer(DeviceBuffer&& other) noexcept
+      : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+    if (this != &other) {
+      release();
+      data_ = std::exchange(other.data_, nullptr);
+      size_ = std::exchange(other.size_, 0);
+    }
+    return *this;
+  }
+  DeviceBuffer(DeviceBuffer const&) = delete;
+  DeviceBuffer& operator=(DeviceBuffer const&) = delete;
+
+  [[nodiscard]] T* data() noexcept { return data_; }
+  [[nodiscard]] T const* data() const noexcept { return data_; }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] std::size_t size_bytes() const noexcept { return size_ * sizeof(T); }
+  [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+
+  /// Copies `n` elements from host memory `src` into the start of the buffer.
+  void copy_from_host(T const* src, std::size_t n, cudaStream_t stream = nullptr) {
+    check_count(n, "copy_from_host");
+    if (n == 0) return;
+    MAMBABYTE_CUDA_CHECK(cudaMemcpyAsync(data_, src, n * sizeof(T), cudaMemcpyHostToDevice, stream));
+    MAMBABYTE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  /// Copies the first `n` elements of the buffer into host memory `dst`.
+  void copy_to_host(T* dst, std::size_t n, cudaStream_t stream = nullptr) const {
+    check_count(n, "copy_to_host");
+    if (n == 0) return;
+    MAMBABYTE_CUDA_CHECK(cudaMemcpyAsync(dst, data_, n * sizeof(T), cudaMemcpyDeviceToHost, stream));
+    MAMBABYTE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+
+ private:
+  void allocate(std::size_t n) {
+    if (n == 0) return;
+    void* p = nullptr;
+    MAMBABYTE_CUDA_CHECK(cudaMalloc(&p, n * sizeof(T)));
+    data_ = static_cast<T*>(p);
+    size_ = n;
+  }
+  void release() noexcept {
+    if (data_) (void)cudaFree(data_);  // never throw from a destructor
+    data_ = nullptr;
+    size_ = 0;
+  }
+  void check_count(std::size_t n, char const* what) const {
+    require(n <= size_, "DeviceBuffer::", what, ": ", n, " elements requested but the buffer holds ",
+            size_);
+  }
+
+  T* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+namespace kernel {
+/// ptr[i] = value for i < n (grid-stride loop).
+template <class T>
+MAMBABYTE_KERNEL void fill(T* MAMBABYTE_RESTRICT ptr, std::size_t n, T value) {
+  std::size_t const stride = std::size_t(blockDim.x) * gridDim.x;
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    ptr[i] = value;
+}
+}  // namespace kernel
+
+/// Sets `n` elements of device memory `ptr` to `value`, asynchronously on `be.stream`.
+template <class T>
+void device_fill(Cuda const& be, T* ptr, std::size_t n, T value) {
+  static_assert(std::is_trivially_copyable_v<T>, "device_fill needs a trivially copyable type");
+  if (n == 0) return;
+  require(ptr != nullptr, "device_fill: null pointer for ", n, " elements");
+  constexpr unsigned kThreads = 256;
+  constexpr std::size_t kMaxBlocks = 65535;  // the grid-stride loop covers the rest
+  auto const blocks =
+      static_cast<unsigned>(std::min<std::size_t>((n + kThreads - 1) / kThreads, kMaxBlocks));
+  ScopedDevice guard(be.device);
+  kernel::fill<T><<<blocks, kThreads, 0, be.stream>>>(ptr, n, value);
+  MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace cuda
+}  // namespace mambabyte::backend
