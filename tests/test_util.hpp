@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -21,6 +22,7 @@ inline std::vector<T> random_vector(std::size_t n, std::mt19937_64& rng, double 
 /// ||a - b|| / max(||b||, tiny), in double.
 template <class A, class B>
 inline double rel_err(A const& a, B const& b) {
+  if (a.size() != b.size()) return std::numeric_limits<double>::infinity();  // never "close"
   double num = 0, den = 0;
   for (std::size_t i = 0; i < b.size(); ++i) {
     double const d = static_cast<double>(a[i]) - static_cast<double>(b[i]);

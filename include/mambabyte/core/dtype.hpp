@@ -94,6 +94,28 @@ inline float half_bits_to_float(std::uint16_t h) {
   return f;
 }
 
+/// float -> IEEE binary16 bits, rounding to nearest even; overflow gives +-inf, NaN stays NaN.
+inline std::uint16_t float_to_half_bits(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  std::uint32_t const sign = (u >> 16) & 0x8000u;
+  std::uint32_t const absu = u & 0x7fffffffu;
+  if (absu >= 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7c00u | (absu > 0x7f800000u ? 0x200u : 0u));
+  if (absu >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds past 65504
+  if (absu < 0x38800000u) {  // result is subnormal (or zero): value / 2^-24, rounded to even
+    if (absu < 0x33000000u) return static_cast<std::uint16_t>(sign);  // below half the smallest subnormal
+    std::uint32_t const e = absu >> 23, mant = (absu & 0x7fffffu) | 0x800000u;
+    int const shift = static_cast<int>(126 - e);  // value / 2^-24 = mant * 2^(e - 126)
+    std::uint32_t const q = mant >> shift, rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+    std::uint32_t const r = q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u);
+    return static_cast<std::uint16_t>(sign | r);
+  }
+  std::uint32_t const v = absu - (112u << 23);  // rebias 127 -> 15
+  std::uint32_t const q = v >> 13, rem = v & 0x1fffu;
+  std::uint32_t const r = q + ((rem > 0x1000u || (rem == 0x1000u && (q & 1u))) ? 1u : 0u);
+  return static_cast<std::uint16_t>(sign | r);
+}
+
 /// Storage type vs compute type. Scan state and all reductions use compute_t.
 template <class T> struct dtype_traits;
 template <> struct dtype_traits<double> { using storage_t = double; using compute_t = double; static constexpr DType dtype = DType::kF64; };

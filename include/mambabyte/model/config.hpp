@@ -97,6 +97,15 @@ inline ModelConfig ModelConfig::from_json(nlohmann::json const& j, std::string c
     c.d_state = json_get<int>(j, "state_size", 16, where);
     c.d_conv = json_get<int>(j, "conv_kernel", 4, where);
     c.expand = json_get<int>(j, "expand", 2, where);
+    if (int const inter = json_get<int>(j, "intermediate_size", 0, where); inter > 0) {
+      require(c.d_model > 0 && inter % c.d_model == 0, where, ": intermediate_size (", inter,
+              ") must be a multiple of hidden_size (", c.d_model, ")");
+      require(!j.contains("expand") || inter == c.expand * c.d_model, where, ": intermediate_size (", inter,
+              ") disagrees with expand * hidden_size (", c.expand * c.d_model, ")");
+      c.expand = inter / c.d_model;
+    }
+    if (auto it = j.find("hidden_act"); it != j.end() && !it->is_null())
+      require(*it == "silu", where, ": only hidden_act \"silu\" is supported (got ", it->dump(), ")");
     if (auto it = j.find("time_step_rank"); it != j.end() && it->is_string()) {
       require(*it == "auto", where, ": time_step_rank must be an integer or \"auto\"");
     } else {
