@@ -27,7 +27,7 @@ done
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # ---- 1. packages -----------------------------------------------------------------------------
-packages=(cmake ninja-build g++ libeigen3-dev catch2 nlohmann-json3-dev libbenchmark-dev gnuplot-nox)
+packages=(cmake ninja-build g++ libeigen3-dev catch2 nlohmann-json3-dev libbenchmark-dev libcli11-dev gnuplot-nox)
 if command -v dpkg >/dev/null 2>&1; then
   missing=()
   for p in "${packages[@]}"; do

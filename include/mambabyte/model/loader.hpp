@@ -114,13 +114,17 @@ inline std::vector<std::filesystem::path> find_weight_files(std::filesystem::pat
 }  // namespace detail
 
 /// The model directory of `path`: the path itself if it is a directory, else its parent
-/// (so a path to config.json or to a weights file works too).
+/// (so a path to config.json or to a weights file works too). A training run directory
+/// (no config.json, but a `latest` link to its newest checkpoint) resolves to that checkpoint.
 inline std::filesystem::path model_directory(std::filesystem::path const& path) {
   namespace fs = std::filesystem;
   require(!path.empty(), "model path is empty");
   std::error_code ec;
   require(fs::exists(path, ec), "model path does not exist: ", path.string());
-  if (fs::is_directory(path, ec)) return path;
+  if (fs::is_directory(path, ec)) {
+    if (!fs::exists(path / "config.json", ec) && fs::is_directory(path / "latest", ec)) return path / "latest";
+    return path;
+  }
   return path.has_parent_path() ? path.parent_path() : fs::path(".");
 }
 

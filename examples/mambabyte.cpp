@@ -1,0 +1,90 @@
+// mambabyte: evaluate, generate with and inspect MambaByte (byte-level Mamba) models.
+//
+//   mambabyte eval     --model DIR --data FILE [--max-bytes N] [--json]
+//   mambabyte generate --model DIR --prompt TEXT [-n N] [--temperature T] [--top-k K] [--top-p P]
+//                      [--seed S] [--batch B]
+//   mambabyte info     --model DIR
+//
+// Every command takes --threads N and --dtype float|double. Errors are one clear line on stderr
+// and a non-zero exit status (CLI11's code for bad usage, 1 for everything else).
+#include <cstdio>
+#include <exception>
+
+#include <CLI/CLI.hpp>
+
+#include "cli/common.hpp"
+#include "cli/eval.hpp"
+#include "cli/generate.hpp"
+#include "cli/info.hpp"
+
+namespace {
+
+void add_model_options(CLI::App* cmd, mbcli::ModelOptions& m) {
+  cmd->add_option("--model,-m", m.model_dir, "model directory (config.json + model.safetensors or pytorch_model.bin)")
+      ->required();
+  cmd->add_option("--threads,-t", m.threads, "CPU threads (0 = all cores)")->check(CLI::Range(0, 4096));
+  cmd->add_option("--dtype", m.dtype, "compute dtype")->check(CLI::IsMember({"float", "double"}));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"mambabyte: token-free byte-level Mamba language models (MambaByte) in C++"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::string(MAMBABYTE_VERSION_STRING));
+
+  mbcli::EvalCliOptions eval;
+  auto* e = app.add_subcommand("eval", "bits per byte of a file under a model (state carried across the whole file)");
+  add_model_options(e, eval.model);
+  e->add_option("--data,-d", eval.data, "text file to score")->required();
+  e->add_option("--max-bytes", eval.max_bytes, "score only the first N bytes");
+  e->add_option("--chunk", eval.chunk, "bytes per forward pass (memory vs speed)")->check(CLI::PositiveNumber);
+  e->add_flag("--json", eval.json, "print one JSON object as the last line");
+  e->add_flag("!--no-progress", eval.progress, "no progress line on stderr");
+  e->add_option("--noise", eval.noise,
+                "also score the text under synthetic noise, KIND[:P] with KIND in drop, repeat, antspeak, "
+                "uppercase, randomcase, swap (repeatable): prints a clean-vs-noisy table");
+  e->add_option("--noise-seed", eval.noise_seed, "seed of the noise");
+
+  mbcli::GenerateCliOptions gen;
+  auto* g = app.add_subcommand("generate", "sample text after a prompt, streamed");
+  add_model_options(g, gen.model);
+  g->add_option("--prompt,-p", gen.prompt, "prompt text (raw bytes; at least one)")->required();
+  g->add_option("-n,--bytes", gen.n, "bytes to generate per sample")->check(CLI::Range(0, 1 << 30));
+  g->add_option("--temperature", gen.sampling.temperature, "0 = greedy")->check(CLI::Range(0.0, 1000.0));
+  g->add_option("--top-k", gen.sampling.top_k, "keep the k most likely bytes (0 = all)")->check(CLI::Range(0, 1 << 30));
+  g->add_option("--top-p", gen.sampling.top_p, "nucleus: keep the smallest set with probability >= p")
+      ->check(CLI::Range(0.0, 1.0));
+  g->add_option("--seed", gen.sampling.seed, "random seed (same seed, same text)");
+  g->add_option("--batch,-b", gen.batch, "independent samples, decoded together")->check(CLI::PositiveNumber);
+  g->add_flag("!--no-echo", gen.echo_prompt, "do not print the prompt before the sample");
+
+  mbcli::InfoOptions info;
+  auto* i = app.add_subcommand("info", "configuration, parameter count, dtype and memory of a model");
+  add_model_options(i, info.model);
+  i->add_flag("--json", info.json, "print JSON");
+
+  try {
+    app.parse(argc, argv);
+  } catch (CLI::ParseError const& err) {
+    return app.exit(err);  // usage errors: message + non-zero code (help / version: 0)
+  }
+  try {
+    if (*e) return mbcli::run_eval(eval);
+    if (*g) return mbcli::run_generate(gen);
+    if (*i) return mbcli::run_info(info);
+  } catch (mambabyte::Error const& err) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "mambabyte: error: %s\n", err.what());
+    return 1;
+  } catch (std::bad_alloc const&) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "mambabyte: error: out of memory (try a smaller --chunk or --batch)\n");
+    return 1;
+  } catch (std::exception const& err) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "mambabyte: error: %s\n", err.what());
+    return 1;
+  }
+  return 1;
+}

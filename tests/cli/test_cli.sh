@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# End-to-end checks of the `mambabyte` CLI on the golden checkpoints: results, exit codes and
+# error messages. Usage: test_cli.sh <path-to-mambabyte> <golden-dir> <tmp-dir>
+set -uo pipefail
+bin=$1; golden=$2; tmp=$3
+mkdir -p "$tmp"
+fails=0
+pass() { echo "ok   - $1"; }
+bad() { echo "FAIL - $1"; fails=$((fails + 1)); }
+
+# expect <name> <expected-status: 0 | nonzero> <regex on stdout+stderr> -- command...
+expect() {
+  local name=$1 want=$2 re=$3; shift 4
+  local out rc
+  out=$("$@" 2>&1); rc=$?
+  if [[ $want == 0 && $rc -ne 0 ]] || [[ $want == nonzero && $rc -eq 0 ]]; then
+    bad "$name: exit status $rc"; echo "$out" | tail -5; return
+  fi
+  if [[ $rc -ge 128 ]]; then bad "$name: killed by a signal ($rc)"; return; fi
+  if ! grep -Eq -- "$re" <<<"$out"; then bad "$name: output does not match /$re/"; echo "$out" | tail -5; return; fi
+  pass "$name"
+}
+
+# eval: the JSON line's bits_per_byte equals the golden transcription's
+out=$("$bin" eval --model "$golden/ssm_layernorm_bin" --data "$golden/text.txt" --json --dtype double --threads 1)
+json=$(tail -n 1 <<<"$out")
+bpb=$(sed -E 's/.*"bits_per_byte":([0-9.eE+-]+).*/\1/' <<<"$json")
+# 8.645789 from tests/data/golden/README.md (metadata bits_per_byte_transcription, 17 digits there)
+if awk -v v="$bpb" 'BEGIN { exit !(v > 8.6457885 && v < 8.6457895) }'; then pass "eval bits per byte = golden ($bpb)"
+else bad "eval bits per byte $bpb != 8.645789"; fi
+grep -q '"bytes":20' <<<"$json" && pass "eval --json reports 20 bytes" || bad "eval --json bytes: $json"
+grep -q '"seconds":' <<<"$json" && pass "eval --json reports seconds" || bad "eval --json seconds"
+# --max-bytes: 5 bytes read, 4 predicted
+expect "eval --max-bytes" 0 '"bytes":4' -- "$bin" eval -m "$golden/hf_default" -d "$golden/text.txt" --max-bytes 5 --json
+
+# generate: greedy is deterministic and batch rows agree; a seed reproduces a sample
+g1=$("$bin" generate -m "$golden/ssm_rms_tied" -p "Hi" -n 30 --temperature 0 --no-echo 2>/dev/null)
+g2=$("$bin" generate -m "$golden/ssm_rms_tied" -p "Hi" -n 30 --temperature 0 --batch 3 --no-echo 2>/dev/null)
+[[ $(grep -c "^--- sample" <<<"$g2") == 3 ]] && pass "generate --batch 3 prints 3 samples" || bad "generate --batch 3"
+[[ $(sed -n 2p <<<"$g2") == "$g1" && $(sed -n 4p <<<"$g2") == "$g1" ]] && pass "greedy batch rows equal batch-1 greedy" || bad "greedy batch rows differ"
+s1=$("$bin" generate -m "$golden/hf_odd" -p "x" -n 50 --seed 7 --top-k 20 --top-p 0.9 2>/dev/null | od -An -tx1)
+s2=$("$bin" generate -m "$golden/hf_odd" -p "x" -n 50 --seed 7 --top-k 20 --top-p 0.9 2>/dev/null | od -An -tx1)
+s3=$("$bin" generate -m "$golden/hf_odd" -p "x" -n 50 --seed 8 --top-k 20 --top-p 0.9 2>/dev/null | od -An -tx1)
+[[ $s1 == "$s2" ]] && pass "same seed, same sample" || bad "same seed gave different samples"
+[[ $s1 != "$s3" ]] && pass "different seed, different sample" || bad "different seeds gave the same sample"
+# streamed output is valid UTF-8 even from a random model
+if command -v iconv >/dev/null; then
+  "$bin" generate -m "$golden/hf_default" -p "é" -n 300 --seed 1 2>/dev/null | iconv -f UTF-8 -t UTF-8 >/dev/null \
+    && pass "generated text is valid UTF-8" || bad "generated text is not valid UTF-8"
+fi
+
+# info
+expect "info" 0 'parameters +46400' -- "$bin" info -m "$golden/ssm_layernorm_bin"
+expect "info --json" 0 '"naming":"transformers"' -- "$bin" info -m "$golden/hf_default" --json
+
+# errors: clear message, non-zero status, never a crash
+printf 'x' > "$tmp/one_byte.txt"
+: > "$tmp/empty.txt"
+mkdir -p "$tmp/notamodel"
+expect "missing model" nonzero 'error: .*does not exist' -- "$bin" info -m "$tmp/nope"
+expect "not a model dir" nonzero 'error: no config.json' -- "$bin" info -m "$tmp/notamodel"
+expect "missing data" nonzero 'error: cannot open file' -- "$bin" eval -m "$golden/hf_default" -d "$tmp/nope.txt"
+expect "one-byte data" nonzero 'at least 2 are needed' -- "$bin" eval -m "$golden/hf_default" -d "$tmp/one_byte.txt"
+expect "empty data" nonzero 'error: .*empty' -- "$bin" eval -m "$golden/hf_default" -d "$tmp/empty.txt"
+expect "empty prompt" nonzero 'prompt is empty' -- "$bin" generate -m "$golden/hf_default" -p ""
+expect "bad top-p" nonzero 'top-p' -- "$bin" generate -m "$golden/hf_default" -p a --top-p 3
+expect "bad threads" nonzero 'threads' -- "$bin" info -m "$golden/hf_default" --threads -2
+expect "bad dtype" nonzero 'dtype' -- "$bin" info -m "$golden/hf_default" --dtype half
+expect "unknown flag" nonzero 'frobnicate' -- "$bin" eval -m "$golden/hf_default" -d "$golden/text.txt" --frobnicate
+expect "no subcommand" nonzero 'subcommand' -- "$bin"
+expect "--help" 0 'generate' -- "$bin" --help
+
+echo "$fails failure(s)"
+[[ $fails -eq 0 ]]
