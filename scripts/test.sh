@@ -27,25 +27,8 @@ done
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # ---- 1. packages -----------------------------------------------------------------------------
-packages=(cmake ninja-build g++ libeigen3-dev catch2 nlohmann-json3-dev libbenchmark-dev libcli11-dev gnuplot-nox)
-if command -v dpkg >/dev/null 2>&1; then
-  missing=()
-  for p in "${packages[@]}"; do
-    dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$p")
-  done
-  if [[ ${#missing[@]} -gt 0 ]]; then
-    echo "test.sh: installing missing packages: ${missing[*]}"
-    sudo=()
-    if [[ $(id -u) -ne 0 ]]; then
-      command -v sudo >/dev/null 2>&1 || { echo "test.sh: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
-      sudo=(sudo)
-    fi
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-  fi
-else
-  echo "test.sh: no dpkg (not Debian?): not installing anything; needs ${packages[*]}" >&2
-fi
+source scripts/deps.sh
+install_deps test.sh
 
 # ---- 2. configure ------------------------------------------------------------------------------
 if [[ -d /usr/local/cuda/bin ]]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
