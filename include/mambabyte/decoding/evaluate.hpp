@@ -21,6 +21,7 @@
 #include <span>
 #include <vector>
 
+#include "mambabyte/core/aligned.hpp"
 #include "mambabyte/core/error.hpp"
 #include "mambabyte/model/state.hpp"
 
@@ -73,7 +74,7 @@ EvalResult evaluate_bits_per_byte(Model& model, std::span<std::uint8_t const> da
   std::int64_t const chunk = std::min<std::int64_t>(options.chunk, inputs);
   InferenceState<T> state = model.make_state(1);
   std::vector<std::int32_t> tokens(static_cast<std::size_t>(chunk));
-  std::vector<T> logits(static_cast<std::size_t>(chunk) * static_cast<std::size_t>(V));
+  aligned_vector<T> logits(static_cast<std::size_t>(chunk) * static_cast<std::size_t>(V));
   double nll = 0;
   for (std::int64_t start = 0; start < inputs; start += chunk) {
     std::int64_t const len = std::min(chunk, inputs - start);

@@ -15,6 +15,7 @@
 #include <string_view>
 #include <vector>
 
+#include "mambabyte/core/aligned.hpp"
 #include "mambabyte/backend/cpu/layers.hpp"
 #include "mambabyte/backend/cpu/selective_scan.hpp"
 #include "mambabyte/model/state.hpp"
@@ -157,9 +158,9 @@ class Model {
 
   ModelWeights<T> w_;
   Backend be_;
-  std::vector<T> A_;  // (n_layer, d_inner, d_state): -exp(A_log)
-  std::vector<T> residual_, hidden_, normed_, xz_, xc_, xdbl_, dt_, y_;
-  std::vector<std::byte> ws_;
+  aligned_vector<T> A_;  // (n_layer, d_inner, d_state): -exp(A_log)
+  aligned_vector<T> residual_, hidden_, normed_, xz_, xc_, xdbl_, dt_, y_;
+  aligned_vector<std::byte> ws_;
 };
 
 /// Bytes -> token ids.

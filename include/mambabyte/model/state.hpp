@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "mambabyte/core/aligned.hpp"
 #include "mambabyte/core/error.hpp"
 #include "mambabyte/model/config.hpp"
 
@@ -55,12 +56,12 @@ class InferenceState {
     }
   }
   std::size_t bytes() const { return data_.size() * sizeof(T); }
-  std::vector<T> const& data() const { return data_; }
+  aligned_vector<T> const& data() const { return data_; }
 
  private:
   T* ssm_base() { return data_.data() + static_cast<std::size_t>(n_layer_) * batch_ * conv_per_seq(); }
   int batch_ = 0, n_layer_ = 0, d_inner_ = 0, d_state_ = 0, d_conv_ = 1;
-  std::vector<T> data_;
+  aligned_vector<T> data_;
 };
 
 }  // namespace mambabyte

@@ -5,12 +5,14 @@
  */
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "mambabyte/core/aligned.hpp"
 #include "mambabyte/core/error.hpp"
 #include "mambabyte/model/config.hpp"
 
@@ -110,6 +112,8 @@ class ModelWeights {
     return nullptr;
   }
   std::span<T> flat() { return {data_.data(), data_.size()}; }
+  /// Set every value (and the alignment padding) to zero: a fresh gradient accumulator.
+  void zero() { std::fill(data_.begin(), data_.end(), T(0)); }
   std::span<T const> flat() const { return {data_.data(), data_.size()}; }
   std::span<T> tensor(ParamInfo const& p) { return {data_.data() + p.offset, p.numel}; }
   std::span<T const> tensor(ParamInfo const& p) const { return {data_.data() + p.offset, p.numel}; }
@@ -156,7 +160,7 @@ class ModelWeights {
 
   ModelConfig config_;
   std::vector<ParamInfo> params_;
-  std::vector<T> data_;
+  aligned_vector<T> data_;
 };
 
 }  // namespace mambabyte

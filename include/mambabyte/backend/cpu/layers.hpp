@@ -15,6 +15,7 @@
 
 #include <Eigen/Core>
 
+#include "mambabyte/core/aligned.hpp"
 #include "mambabyte/backend/cpu/parallel.hpp"
 #include "mambabyte/layers/layers.hpp"
 
@@ -119,7 +120,7 @@ struct CausalConv1d<backend::Cpu, T> {
     if (a.batch == 0 || a.length == 0) return;
     int const C = a.channels, K = a.width, L = a.length;
     // Taps transposed to (K, C) so that each tap is a contiguous channel vector.
-    std::vector<T> wt(static_cast<std::size_t>(K) * C);
+    aligned_vector<T> wt(static_cast<std::size_t>(K) * C);
     for (int c = 0; c < C; ++c)
       for (int k = 0; k < K; ++k) wt[static_cast<std::size_t>(k) * C + c] = a.weight[static_cast<std::size_t>(c) * K + k];
     int const cblock = 256;
@@ -145,7 +146,7 @@ struct CausalConv1d<backend::Cpu, T> {
         if (a.silu) out = acc / (T(1) + (-acc).exp()); else out = acc;
       }
       if (st && K > 1) {  // new state: the last K-1 inputs of [state ; x], oldest first
-        std::vector<T> keep(static_cast<std::size_t>(K - 1) * nc);
+        aligned_vector<T> keep(static_cast<std::size_t>(K - 1) * nc);
         for (int j = 0; j < K - 1; ++j) {
           T const* in = input(L - (K - 1) + j);
           std::copy(in, in + nc, keep.begin() + static_cast<std::ptrdiff_t>(j) * nc);

@@ -26,6 +26,7 @@
 
 #include <Eigen/Core>
 
+#include "mambabyte/core/aligned.hpp"
 #include "mambabyte/backend/cpu/parallel.hpp"
 #include "mambabyte/ssm/scan_op.hpp"
 #include "mambabyte/ssm/selective_scan.hpp"
@@ -121,7 +122,7 @@ void run_sequential(ssm::SelectiveScanArguments<T> const& a, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     TileScratch<T> s;
-    std::vector<T> hbuf(static_cast<std::size_t>(kTile) * a.d_state);
+    aligned_vector<T> hbuf(static_cast<std::size_t>(kTile) * a.d_state);
 #pragma omp for schedule(static)
     for (long w = 0; w < work; ++w) {
       int const b = static_cast<int>(w / tiles), d0 = static_cast<int>(w % tiles) * kTile;
@@ -249,7 +250,7 @@ void run_associative(ssm::SelectiveScanArguments<T> const& a, int threads, void*
       auto A_at = [&](int t) { return Map2<T>(pa + t * lanes, N, nd); };
       auto B_at = [&](int t) { return Map2<T>(pb + t * lanes, N, nd); };
       CMap2<T> A(a.A + static_cast<std::int64_t>(d0) * N, N, nd);
-      std::vector<T> h0(lanes);
+      aligned_vector<T> h0(lanes);
       load_initial(a, b, d0, nd, h0.data());
 #pragma omp parallel num_threads(threads)
       {
@@ -322,7 +323,7 @@ struct CpuSelectiveScanBase {
   static Status can_implement(Arguments const& a) { return validate(a); }
   /// Run with an internally allocated workspace.
   static void run(Arguments const& a, backend::Cpu const& be) {
-    std::vector<std::byte> ws(Derived::workspace_bytes(a, be));
+    aligned_vector<std::byte> ws(Derived::workspace_bytes(a, be));
     Derived::run(a, ws.data(), be);
   }
   static void check(Arguments const& a) {
