@@ -6,10 +6,11 @@
  *  What it brings in, layer by layer:
  *    core/       errors, dtypes (bf16, half conversions), portable macros
  *    policy/     backend tags (backend::Cpu, backend::Cuda declared) and scan policies
- *    ssm/ layers/  operator contracts (Arguments + can_implement/workspace_bytes/run)
+ *    ssm/ layers/  operator contracts (Arguments + can_implement/workspace_bytes/run), forward and backward
  *    backend/cpu/  their Eigen + OpenMP specialisations
  *    io/         safetensors, PyTorch zip/pickle readers, the safetensors writer
- *    model/      config, weights, inference state, Model, loader/saver
+ *    model/      config, weights, inference state, Model, loader/saver, TrainingModel
+ *    train/      data sampling, AdamW + schedule + clipping, init, checkpoints, Trainer
  *    decoding/   sampling, generation with UTF-8-safe streaming, bits-per-byte evaluation
  *    reference/  the double-precision oracle (tests and cross-checks)
  */
@@ -18,6 +19,7 @@
 #include "mambabyte/core/config.hpp"
 #include "mambabyte/core/dtype.hpp"
 #include "mambabyte/core/error.hpp"
+#include "mambabyte/core/aligned.hpp"
 #include "mambabyte/policy/policy.hpp"
 #include "mambabyte/version.hpp"
 
@@ -26,6 +28,10 @@
 #include "mambabyte/backend/cpu/parallel.hpp"
 #include "mambabyte/backend/cpu/selective_scan.hpp"
 #include "mambabyte/backend/cpu/layers.hpp"
+#include "mambabyte/ssm/selective_scan_backward.hpp"
+#include "mambabyte/layers/backward.hpp"
+#include "mambabyte/backend/cpu/selective_scan_backward.hpp"
+#include "mambabyte/backend/cpu/layers_backward.hpp"
 
 #include "mambabyte/io/mapped_file.hpp"
 #include "mambabyte/io/tensor_file.hpp"
@@ -37,6 +43,13 @@
 #include "mambabyte/model/state.hpp"
 #include "mambabyte/model/model.hpp"
 #include "mambabyte/model/loader.hpp"
+#include "mambabyte/model/training.hpp"
+
+#include "mambabyte/train/data.hpp"
+#include "mambabyte/train/optimizer.hpp"
+#include "mambabyte/train/init.hpp"
+#include "mambabyte/train/checkpoint.hpp"
+#include "mambabyte/train/trainer.hpp"
 
 #include "mambabyte/decoding/sampling.hpp"
 #include "mambabyte/decoding/generate.hpp"
