@@ -4,6 +4,8 @@
 //   mambabyte generate --model DIR --prompt TEXT [-n N] [--temperature T] [--top-k K] [--top-p P]
 //                      [--seed S] [--batch B]
 //   mambabyte info     --model DIR
+//   mambabyte ngram    --data FILE [--val-fraction F] [--order N]   (the baseline)
+//   mambabyte train    --data FILE --out DIR [--steps N | --time-limit S] [--resume] ...
 //
 // Every command takes --threads N and --dtype float|double. Errors are one clear line on stderr
 // and a non-zero exit status (CLI11's code for bad usage, 1 for everything else).
@@ -16,6 +18,8 @@
 #include "cli/eval.hpp"
 #include "cli/generate.hpp"
 #include "cli/info.hpp"
+#include "cli/ngram.hpp"
+#include "cli/train.hpp"
 
 namespace {
 
@@ -59,6 +63,42 @@ int main(int argc, char** argv) {
   g->add_option("--batch,-b", gen.batch, "independent samples, decoded together")->check(CLI::PositiveNumber);
   g->add_flag("!--no-echo", gen.echo_prompt, "do not print the prompt before the sample");
 
+  mbcli::TrainCliOptions train;
+  auto* tr = app.add_subcommand("train", "train a MambaByte model on a byte corpus (CPU)");
+  tr->add_option("--data,-d", train.data, "training text (any bytes)")->required();
+  tr->add_option("--val-data", train.val_data, "validation text (default: the last --val-fraction of --data)");
+  tr->add_option("--val-fraction", train.val_fraction, "validation share of --data when there is no --val-data")
+      ->check(CLI::Range(0.001, 0.999));
+  tr->add_option("--out,-o", train.out, "run directory: checkpoints, log.jsonl, curves.png")->required();
+  auto* steps = tr->add_option("--steps", train.steps, "optimizer steps (default 2000, or what fits --time-limit)")
+                    ->check(CLI::Range(std::int64_t(1), std::int64_t(1) << 40));
+  tr->add_option("--time-limit", train.time_limit, "stop cleanly (and save) after this many seconds")
+      ->check(CLI::Range(0.0, 1e9));
+  tr->add_option("--seq-len", train.seq_len, "bytes per training window")->check(CLI::Range(1, 1 << 24));
+  tr->add_option("--batch", train.batch, "windows per step")->check(CLI::Range(1, 1 << 16));
+  tr->add_option("--lr", train.lr, "peak learning rate (AdamW, warmup + cosine)")->check(CLI::Range(1e-9, 10.0));
+  tr->add_option("--d-model", train.d_model, "model width")->check(CLI::Range(1, 1 << 16));
+  tr->add_option("--n-layer", train.n_layer, "Mamba blocks")->check(CLI::Range(1, 1024));
+  tr->add_option("--d-state", train.d_state, "SSM state size")->check(CLI::Range(1, 1024));
+  tr->add_flag("--rms-norm", train.rms_norm, "RMSNorm instead of LayerNorm");
+  tr->add_option("--seed", train.seed, "seed of the initialisation and the data order");
+  tr->add_option("--threads,-t", train.threads, "CPU threads (0 = all cores)")->check(CLI::Range(0, 4096));
+  tr->add_option("--eval-every", train.eval_every, "validate and checkpoint every K steps (0 = at the end)")
+      ->check(CLI::Range(std::int64_t(0), std::int64_t(1) << 40));
+  tr->add_option("--eval-bytes", train.eval_bytes, "validation bytes to score (default: all)");
+  tr->add_flag("--resume", train.resume, "continue the run in --out from its latest checkpoint (bit-exact)");
+  tr->add_flag("!--no-progress", train.progress, "plain log lines instead of a progress bar");
+  tr->add_option("--dtype", train.dtype, "training dtype")->check(CLI::IsMember({"float", "double"}));
+  (void)steps;
+
+  mbcli::NgramCliOptions ngram;
+  auto* ng = app.add_subcommand("ngram", "baseline: bits per byte of a byte n-gram model on a validation split");
+  ng->add_option("--data,-d", ngram.data, "text; the n-gram counts its training part")->required();
+  ng->add_option("--val-data", ngram.val_data, "validation text (default: the last --val-fraction of --data)");
+  ng->add_option("--val-fraction", ngram.val_fraction, "validation share of --data")->check(CLI::Range(0.001, 0.999));
+  ng->add_option("--order", ngram.order, "largest context length in bytes (0..6)")->check(CLI::Range(0, 6));
+  ng->add_flag("--json", ngram.json, "print one JSON object as the last line");
+
   mbcli::InfoOptions info;
   auto* i = app.add_subcommand("info", "configuration, parameter count, dtype and memory of a model");
   add_model_options(i, info.model);
@@ -73,6 +113,8 @@ int main(int argc, char** argv) {
     if (*e) return mbcli::run_eval(eval);
     if (*g) return mbcli::run_generate(gen);
     if (*i) return mbcli::run_info(info);
+    if (*tr) return mbcli::run_train(train);
+    if (*ng) return mbcli::run_ngram(ngram);
   } catch (mambabyte::Error const& err) {
     std::fflush(stdout);
     std::fprintf(stderr, "mambabyte: error: %s\n", err.what());

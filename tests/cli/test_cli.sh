@@ -70,5 +70,38 @@ expect "unknown flag" nonzero 'frobnicate' -- "$bin" eval -m "$golden/hf_default
 expect "no subcommand" nonzero 'subcommand' -- "$bin"
 expect "--help" 0 'generate' -- "$bin" --help
 
+# train: a few steps on a small text, resume, eval the result, and bad input
+head -c 6000 "$golden/../../../data/tinyshakespeare.txt" > "$tmp/small.txt"
+rm -rf "$tmp/run"
+targs=(--data "$tmp/small.txt" --out "$tmp/run" --seq-len 32 --batch 2 --d-model 16 --n-layer 1 --d-state 4
+       --eval-every 3 --eval-bytes 300 --threads 2 --no-progress)
+expect "train 6 steps" 0 '"step":6' -- "$bin" train "${targs[@]}" --steps 6
+[[ -L "$tmp/run/latest" && -f "$tmp/run/latest/model.safetensors" && -f "$tmp/run/latest/optimizer.safetensors" ]] \
+  && pass "train wrote a checkpoint" || bad "no checkpoint after train"
+[[ $(grep -c '"type":"train"' "$tmp/run/log.jsonl") == 6 ]] && pass "log.jsonl has 6 train lines" || bad "log.jsonl"
+expect "train refuses to overwrite a run" nonzero 'already holds a training run' -- "$bin" train "${targs[@]}" --steps 6
+expect "train --resume extends the run" 0 '"step":9' -- "$bin" train "${targs[@]}" --steps 9 --resume
+[[ $(grep -c '"type":"train"' "$tmp/run/log.jsonl") == 9 ]] && pass "resumed log has 9 train lines" || bad "resumed log"
+expect "eval a trained run dir" 0 'bits per byte' -- "$bin" eval -m "$tmp/run" -d "$tmp/small.txt" --max-bytes 500
+expect "generate from a trained run" 0 '.' -- "$bin" generate -m "$tmp/run" -p "A" -n 20
+printf 'abc' > "$tmp/tiny.txt"
+expect "train on too little data" nonzero 'too small|fewer than one window' -- "$bin" train --data "$tmp/tiny.txt" --out "$tmp/run2"
+expect "train on missing data" nonzero 'cannot open' -- "$bin" train --data "$tmp/none.txt" --out "$tmp/run3"
+expect "train --resume without a run" nonzero 'no checkpoint' -- "$bin" train "${targs[@]/$tmp\/run/$tmp/run4}" --resume
+expect "train into a file" nonzero 'cannot create output directory|not writable' -- "$bin" train --data "$tmp/small.txt" --out "$tmp/small.txt/x"
+expect "train nonsense flag" nonzero 'seq-len' -- "$bin" train --data "$tmp/small.txt" --out "$tmp/run5" --seq-len 0
+
+# Ctrl-C saves a checkpoint and exits 130
+rm -rf "$tmp/runint"
+"$bin" train "${targs[@]/$tmp\/run/$tmp/runint}" --steps 100000 >"$tmp/int.out" 2>&1 &
+pid=$!
+for _ in $(seq 50); do grep -q '^step' "$tmp/int.out" 2>/dev/null && break; sleep 0.2; done
+kill -INT $pid; wait $pid; rc=$?
+[[ $rc == 130 && -L "$tmp/runint/latest" ]] && grep -q '"stop":"interrupted"' "$tmp/int.out" \
+  && pass "SIGINT saves a checkpoint and exits 130" || { bad "SIGINT: rc $rc"; tail -3 "$tmp/int.out"; }
+
+# ngram baseline
+expect "ngram" 0 '"best_bits_per_byte"' -- "$bin" ngram --data "$tmp/small.txt" --order 3 --json
+
 echo "$fails failure(s)"
 [[ $fails -eq 0 ]]
