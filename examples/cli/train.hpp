@@ -181,6 +181,14 @@ int run_train_typed(TrainCliOptions const& o) {
     std::ofstream(out / "log.jsonl", std::ios::trunc);
   }
   Trainer<T>& tr = *trainer;
+  if (!o.resume && o.steps == 0 && o.time_limit > 0) {
+    // size the schedule to the budget: time a step (twice: the first warms caches), leave
+    // room for the evaluations
+    tr.time_one_step();
+    double const per_step = tr.time_one_step();
+    auto const est = static_cast<std::int64_t>(0.85 * o.time_limit / std::max(per_step, 1e-6));
+    tr.set_total_steps(std::max<std::int64_t>(est, 1));
+  }
   ModelConfig const& c = tr.weights().config();
   std::fprintf(stderr,
                "model: d_model %d, %d layers, d_state %d, %s parameters (%s); data: %zu train / %zu validation bytes\n"
