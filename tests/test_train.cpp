@@ -277,6 +277,15 @@ TEST_CASE("bad training input is a clear error", "[train][errors]") {
     Trainer<float> t(tiny_config(), tr, va, opt, file / "run");
     CHECK_THROWS_WITH(t.run(), Catch::Contains("cannot create output directory"));
   }
+  SECTION("resume on other data") {
+    fs::path const out = tmpdir("otherdata");
+    auto o = opt;
+    o.steps = 2;
+    Trainer<float>(tiny_config(), tr, va, o, out).run();
+    auto [tr2, va2] = shakespeare(20001).split(0.1);
+    CHECK_THROWS_WITH(Trainer<float>::resume(out, tr2, va2, o), Catch::Contains("training data differs"));
+    CHECK_NOTHROW(Trainer<float>::resume(out, tr, va, o));
+  }
   SECTION("resume without a checkpoint") {
     CHECK_THROWS_AS(Trainer<float>::resume(tmpdir("none"), tr, va, opt), Error);
   }
@@ -295,4 +304,16 @@ TEST_CASE("bad training input is a clear error", "[train][errors]") {
     CHECK_THROWS_WITH(t.run(), Catch::Contains("diverged") && Catch::Contains("at step 5"));
     CHECK(fs::canonical(out / "latest") == kept);
   }
+}
+
+TEST_CASE("the gradient norm does not depend on the thread count", "[train][optim]") {
+  std::vector<float> g(1'000'003);
+  std::mt19937_64 rng(1);
+  for (auto& x : g) x = std::uniform_real_distribution<float>(-1, 1)(rng);
+  double const one = [&] { backend::cpu::set_default_threads(1); return global_norm(std::span<float const>(g)); }();
+  for (int t : {2, 3, 5, 8}) {
+    backend::cpu::set_default_threads(t);
+    for (int rep = 0; rep < 5; ++rep) REQUIRE(global_norm(std::span<float const>(g)) == one);
+  }
+  backend::cpu::set_default_threads(2);
 }

@@ -138,10 +138,12 @@ int run_train_typed(TrainCliOptions const& o) {
   TrainerOptions to;
   to.seq_len = o.seq_len;
   to.batch = o.batch;
-  to.steps = o.steps > 0 ? o.steps : 2000;
+  // fresh run: --steps or 2000 (or what fits --time-limit, below); resume: 0 keeps the
+  // checkpoint's schedule, a larger --steps extends it
+  to.steps = o.steps > 0 ? o.steps : (o.resume ? 0 : 2000);
   to.time_limit = o.time_limit;
   to.adamw.lr = o.lr;
-  to.warmup = std::min<std::int64_t>(100, std::max<std::int64_t>(1, to.steps / 10));
+  to.warmup = std::min<std::int64_t>(100, std::max<std::int64_t>(1, to.steps / 10));  // (resume keeps its own)
   to.eval_every = o.eval_every;
   to.eval_max_bytes = o.eval_bytes;
   to.seed = o.seed;

@@ -20,3 +20,4 @@
 #include "mambabyte/version.hpp"
 
 #include "mambabyte/backend/cuda/common.cuh"
+#include "mambabyte/backend/cuda/selective_scan.cuh"

@@ -82,6 +82,10 @@ expect "train 6 steps" 0 '"step":6' -- "$bin" train "${targs[@]}" --steps 6
 expect "train refuses to overwrite a run" nonzero 'already holds a training run' -- "$bin" train "${targs[@]}" --steps 6
 expect "train --resume extends the run" 0 '"step":9' -- "$bin" train "${targs[@]}" --steps 9 --resume
 [[ $(grep -c '"type":"train"' "$tmp/run/log.jsonl") == 9 ]] && pass "resumed log has 9 train lines" || bad "resumed log"
+expect "train --resume without --steps keeps the run's length" 0 '"step":9' -- "$bin" train "${targs[@]}" --resume
+head -c 7000 "$golden/../../../data/tinyshakespeare.txt" > "$tmp/other.txt"
+expect "train --resume on other data" nonzero 'training data differs' -- "$bin" train "${targs[@]/$tmp\/small.txt/$tmp/other.txt}" --steps 12 --resume
+expect "train --eval-bytes 1" nonzero 'eval-bytes' -- "$bin" train --data "$tmp/small.txt" --out "$tmp/run6" --eval-bytes 1
 expect "eval a trained run dir" 0 'bits per byte' -- "$bin" eval -m "$tmp/run" -d "$tmp/small.txt" --max-bytes 500
 expect "generate from a trained run" 0 '.' -- "$bin" generate -m "$tmp/run" -p "A" -n 20
 printf 'abc' > "$tmp/tiny.txt"

@@ -35,7 +35,7 @@ struct Chunked {
   static constexpr int chunk_len = ChunkLen;
   static constexpr char const* name = "chunked";
 };
-/// Resolved on the host by a documented rule (see ssm/selective_scan.hpp: resolve_auto).
+/// Resolved on the host by a documented rule (see ssm/selective_scan.hpp: resolve_auto_cpu).
 struct Auto {
   static constexpr char const* name = "auto";
 };

@@ -6,6 +6,7 @@
  */
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <numbers>
@@ -49,12 +50,22 @@ struct CosineSchedule {
   }
 };
 
-/// Global L2 norm of a gradient (accumulated in double).
+/// Global L2 norm of a gradient (accumulated in double). Deterministic whatever the thread
+/// count: the sum is split into fixed blocks whose partial sums are added in block order
+/// (an OpenMP reduction would add per-thread partials in completion order).
 template <class T>
 double global_norm(std::span<T const> g) {
+  constexpr std::int64_t kBlock = 1 << 14;
+  std::int64_t const n = static_cast<std::int64_t>(g.size()), blocks = (n + kBlock - 1) / kBlock;
+  std::vector<double> part(static_cast<std::size_t>(blocks), 0.0);
+#pragma omp parallel for schedule(static)
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    double s = 0;
+    for (std::int64_t i = b * kBlock; i < std::min(n, (b + 1) * kBlock); ++i) s += double(g[i]) * double(g[i]);
+    part[static_cast<std::size_t>(b)] = s;
+  }
   double s = 0;
-#pragma omp parallel for reduction(+ : s) schedule(static)
-  for (std::int64_t i = 0; i < static_cast<std::int64_t>(g.size()); ++i) s += double(g[i]) * double(g[i]);
+  for (double p : part) s += p;
   return std::sqrt(s);
 }
 
@@ -86,6 +97,11 @@ class AdamW {
   }
 
   AdamWOptions const& options() const { return opt_; }
+  /// Replace the hyper-parameters (the moments and the step count are kept).
+  void set_options(AdamWOptions const& o) {
+    o.validate();
+    opt_ = o;
+  }
   std::int64_t step_count() const { return t_; }
   std::span<T> first_moment() { return m_; }
   std::span<T> second_moment() { return v_; }

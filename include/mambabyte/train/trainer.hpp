@@ -14,6 +14,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -60,6 +61,8 @@ struct TrainerOptions {
     require(grad_clip >= 0, "gradient clipping threshold must be >= 0");
     require(eval_every >= 0, "--eval-every must be >= 0");
     require(eval_chunk >= 1, "eval chunk must be >= 1");
+    require(eval_max_bytes == -1 || eval_max_bytes >= 2, "--eval-bytes must be at least 2 (or -1 for all), got ",
+            eval_max_bytes);
     require(log_every >= 1, "log period must be >= 1");
     require(keep_checkpoints >= 1, "keep at least one checkpoint");
     adamw.validate();
@@ -152,6 +155,14 @@ class Trainer {
     require(ck.trainer_state.contains("options"), ck.directory.string(), "/trainer.json has no \"options\"");
     TrainerOptions o = TrainerOptions::from_json(ck.trainer_state["options"], opt);
     if (opt.steps > o.steps) o.steps = opt.steps;
+    ck.optimizer.set_options(o.adamw);  // the run's own hyper-parameters, not the caller's
+    // the same data, or the continuation would not be the same run
+    std::uint64_t const want_size = ck.trainer_state.value("train_bytes", std::uint64_t(0));
+    std::string const want_hash = ck.trainer_state.value("train_fingerprint", std::string());
+    require(want_size == train_data.size() && (want_hash.empty() || want_hash == fingerprint(train_data)),
+            "--resume: the training data differs from the run's (", train_data.name(), ": ", train_data.size(),
+            " bytes; the checkpoint was trained on ", ck.trainer_state.value("train_data", std::string("?")), ": ",
+            want_size, " bytes)");
     return Trainer(std::move(ck), std::move(train_data), std::move(val_data), o, out, be);
   }
 
@@ -247,7 +258,8 @@ class Trainer {
   }
 
   std::filesystem::path checkpoint(Callbacks const& cb = {}) {
-    nlohmann::json st = {{"options", opt_.to_json()}, {"train_data", train_.name()}, {"train_bytes", train_.size()}};
+    nlohmann::json st = {{"options", opt_.to_json()}, {"train_data", train_.name()}, {"train_bytes", train_.size()},
+                         {"train_fingerprint", fingerprint(train_)}};
     if (val_) { st["val_data"] = val_->name(); st["val_bytes"] = val_->size(); }
     if (!evals_.empty()) st["val_bits_per_byte"] = evals_.back().bits_per_byte;
     auto p = save_checkpoint(out_, weights_, optimizer_, st, opt_.keep_checkpoints);
@@ -265,6 +277,20 @@ class Trainer {
     weights_ = std::move(ck.weights);
     optimizer_ = std::move(ck.optimizer);
     grads_ = ModelWeights<T>(weights_.config());
+  }
+
+  /// FNV-1a 64 of the data's size and first and last MiB (cheap, catches another file).
+  static std::string fingerprint(ByteCorpus const& c) {
+    std::uint64_t h = 0xcbf29ce484222325ull ^ c.size();
+    auto mix = [&h](std::span<std::uint8_t const> s) {
+      for (std::uint8_t b : s) { h ^= b; h *= 0x100000001b3ull; }
+    };
+    std::size_t const k = std::min<std::size_t>(c.size(), 1 << 20);
+    mix(c.bytes().first(k));
+    mix(c.bytes().last(k));
+    char buf[17];
+    std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+    return buf;
   }
 
   void check_data() const {

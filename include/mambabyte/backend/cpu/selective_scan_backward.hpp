@@ -59,6 +59,7 @@
 
 #include <Eigen/Core>
 
+#include "mambabyte/core/aligned.hpp"
 #include "mambabyte/backend/cpu/parallel.hpp"
 #include "mambabyte/backend/cpu/selective_scan.hpp"
 #include "mambabyte/ssm/selective_scan_backward.hpp"
@@ -558,7 +559,7 @@ struct CpuSelectiveScanBackwardBase {
   /// Run with an internally allocated workspace.
   static void run(Arguments const& a, backend::Cpu const& be) {
     check(a);  // before sizing a workspace from possibly nonsensical shapes
-    std::vector<std::byte> ws(workspace_bytes(a, be));
+    aligned_vector<std::byte> ws(workspace_bytes(a, be));
     run(a, ws.empty() ? nullptr : ws.data(), be);
   }
 };
