@@ -331,11 +331,14 @@ TEST_CASE("CUDA scan argument checks and the Auto rule", "[cuda][scan][small]") 
   a.ld_u = 7;
   CHECK(Op::can_implement(a) == Status::kInvalidArgument);
   CHECK_THROWS_AS(Op::run(a, nullptr, Cuda{}), mambabyte::Error);
-  // Auto: Sequential when the channel blocks fill the SMs, chunks otherwise.
-  CHECK(ssm::resolve_auto_cuda(16, 2048, 1536, 132) == 0);
-  CHECK(ssm::resolve_auto_cuda(1, 65536, 2048, 132) > 0);
-  CHECK(ssm::resolve_auto_cuda(1, 100, 2048, 132) == 0);
-  int const chunk = ssm::resolve_auto_cuda(1, 65536, 2048, 132);
+  // Auto (wave = 132 SMs x 3 blocks): one chunk when the channel blocks fill the wave, else
+  // floor(wave / blocks) chunks, multiples of 64 steps, at least 256.
+  CHECK(ssm::resolve_auto_cuda(64, 2048, 2048, 396) == 0);
+  CHECK(ssm::resolve_auto_cuda(8, 8192, 2048, 396) == 2752);    // 3 chunks
+  CHECK(ssm::resolve_auto_cuda(16, 2048, 1536, 396) == 1024);   // 2 chunks
+  CHECK(ssm::resolve_auto_cuda(1, 100, 2048, 396) == 0);        // too short
+  CHECK(ssm::resolve_auto_cuda(1, 1000, 64, 396) == 256);       // chunks at least 256 long
+  int const chunk = ssm::resolve_auto_cuda(1, 65536, 2048, 396);
   CHECK(chunk % 64 == 0);
   CHECK(chunk >= 256);
 }

@@ -2,29 +2,33 @@
  *  \brief CUDA specialisations of ssm::SelectiveScan for float (fp32 storage, state and math),
  *         device pointers in the arguments: scan::Sequential, scan::Chunked<L> and scan::Auto.
  *
- *  One kernel does all the scanning (kernel::scan_chunk). A thread owns one (batch, channel)
- *  and keeps that channel's d_state states in registers; a block is kThreads consecutive
- *  channels of one batch and one time chunk. Time runs in tiles of kTileT steps: the block
- *  copies the next tile of u, delta, z (one column per thread: coalesced across channels) and
- *  of B_t, C_t (shared by the block) into shared memory with cp.async while it computes the
- *  current one (two stages), so the loads of HBM overlap the arithmetic.
- *  Per step: delta = softplus(delta + bias), h = exp(delta A) h + delta u B_t (exp2 with A
- *  pre-scaled by log2 e), y = <h, C_t> + D u, out = y silu(z): all fused, one pass.
+ *  One kernel does all the scanning (kernel::scan_chunk). A block covers kThreads consecutive
+ *  channels of one batch and one time chunk; each channel's d_state states live in registers
+ *  (of one thread, or of kSplit adjacent threads that finish the output's dot product with a
+ *  shuffle). Time runs in tiles of kTileT steps: the block copies the next tile of u, delta, z
+ *  (warps read 32 consecutive channels of a row: coalesced) and of B_t, C_t (shared by the
+ *  block) into shared memory with cp.async while it computes the current one (two stages).
+ *  Per step, fused: delta = softplus(delta + bias) (branch-free), h = exp(delta A) h +
+ *  delta u B_t (ex2.approx with A pre-scaled by log2 e), y = <h, C_t> + D u, out = y silu(z).
+ *  Within a tile every step's delta comes first, then the recurrence, then the outputs, so
+ *  that the exponentials of different steps overlap.
  *
- *  - Sequential: one chunk per (batch, channel block); the whole length in time order.
+ *  - Sequential: one chunk per (batch, channel block), the whole length in time order, two
+ *    threads per channel (d_state 16): the fewest exponentials; latency-bound when
+ *    batch x d_inner is small.
  *  - Chunked<L>: reduce-then-scan along time, as the CPU backend. Phase 1 (kReduce) scans every
  *    chunk but the last from a zero state and stores its end state and sum of deltas in the
  *    workspace; phase 2 (kernel::carry_chunks, a thread per (batch, channel)) turns those into
  *    each chunk's carried-in state (decay of a chunk = exp(A sum delta)); phase 3 (kWrite)
  *    rescans every chunk from its carried-in state and writes the outputs. About 1.9x the
- *    exponentials of Sequential, but batch x channels x chunks threads instead of
- *    batch x channels: what a long sequence at small batch needs to fill the GPU.
- *  - Auto: resolve_auto_cuda() below (chunk count from the SM count; Sequential when the
- *    channel blocks alone fill the machine).
+ *    exponentials of Sequential, but batch x channel-blocks x chunks blocks.
+ *  - Auto: resolve_auto_cuda() below: chunks to fill one wave of resident blocks, one chunk
+ *    when the channel blocks fill it already (docs/cuda.md has the measurements).
  *
- *  d_state up to 64 (an exact 16-state fast path and a general one for d_state <= 64); larger d_state:
- *  can_implement() says kUnsupported. The launch is asynchronous on be.stream; the workspace
- *  (Chunked, Auto) is device memory of workspace_bytes() bytes, owned by the caller.
+ *  d_state up to 64 (an exact 16-state fast path and a general one for d_state <= 64); larger
+ *  d_state: can_implement() says kUnsupported. Launches are asynchronous on be.stream; the
+ *  workspace (Chunked, Auto) is device memory of workspace_bytes() bytes, owned by the caller
+ *  and in use until the stream passes the scan.
  */
 #pragma once
 
@@ -47,9 +51,13 @@
 
 namespace mambabyte::backend::cuda::scan_detail {
 
-inline constexpr int kThreads = 128;  ///< channels per block (one thread each)
+inline constexpr int kThreads = 128;  ///< channels per block (kSplit threads each)
 inline constexpr int kTileT = 16;     ///< time steps per shared-memory stage
 inline constexpr int kMaxState = 64;  ///< largest d_state supported
+/// Threads per channel of the d_state == 16 path in scan::Sequential's single-chunk launch:
+/// there the few warps are latency-bound, and two threads per channel (8 states each) double
+/// them. The chunked launches fill the SMs already and use one (fewer instructions per state).
+inline constexpr int kSplitSequential = 2;
 
 /// Where a state array lives: element (b, chunk c, channel d, state n) at
 /// p[b*sb + c*sc + d*sd + n*sn]. p == nullptr means "zero" (as input) / "not wanted" (output).
@@ -69,7 +77,22 @@ struct ScanParams {
   float* dsum = nullptr;  ///< kReduce: sum of deltas, [(b*n_chunks + c)*d_inner + d]
 };
 
-__device__ __forceinline__ float softplus_dev(float v) { return v <= 20.f ? log1pf(expf(v)) : v; }
+/// softplus(v) = log(1 + e^v), branch-free: max(v, 0) + log1p(e^-|v|), with
+/// log1p(e) = 2 atanh(s), s = e / (2 + e) in (0, 1/3], summed to s^13 (truncation < 2e-8
+/// relative). For v > 20 this is v to within rounding (mamba_ssm returns v there).
+__device__ __forceinline__ float softplus_dev(float v) {
+  float const e = expf(-fabsf(v));
+  float const s = __fdividef(e, 2.f + e);
+  float const s2 = s * s;
+  float q = 1.f / 13.f;
+  q = fmaf(q, s2, 1.f / 11.f);
+  q = fmaf(q, s2, 1.f / 9.f);
+  q = fmaf(q, s2, 1.f / 7.f);
+  q = fmaf(q, s2, 1.f / 5.f);
+  q = fmaf(q, s2, 1.f / 3.f);
+  q = fmaf(q, s2, 1.f);
+  return fmaf(2.f * s, q, fmaxf(v, 0.f));
+}
 
 /// 2^x by the special-function unit (ex2.approx.ftz: about 2 ulp; results below 2^-126 flush
 /// to zero, which only ends a decayed state's tail).
@@ -81,73 +104,98 @@ __device__ __forceinline__ float ex2_approx(float x) {
 
 /// Shared memory of one stage: u, delta, z columns (kTileT x kThreads) and B, C rows.
 template <int kN>
-struct Stage {
+struct alignas(16) Stage {
+  static_assert(kN % 4 == 0, "B/C rows are read as float4");
   float u[kTileT][kThreads];
   float dt[kTileT][kThreads];
   float z[kTileT][kThreads];
-  float bc[kTileT][2 * kN];  // B_t[0..N) then C_t[0..N)
+  alignas(16) float bc[kTileT][2 * kN];  // B_t[0..N) then C_t[0..N); rows 16-byte aligned
 };
 
 namespace kernel {
 
 /// Scans time chunk blockIdx.y (kWrite) or chunk blockIdx.y of the first n_chunks-1 (kReduce)
-/// for channels blockIdx.x*kThreads + threadIdx.x of batch blockIdx.z.
-template <int kN, bool kExact, Mode kMode>
-MAMBABYTE_KERNEL void __launch_bounds__(kThreads) scan_chunk(ScanParams const p) {
+/// for channels blockIdx.x*kThreads + [0, kThreads) of batch blockIdx.z, with kSplit adjacent
+/// threads per channel, each holding d_state/kSplit of its states (more warps for the same
+/// work; the output's dot product is finished with shuffles).
+///  kExact (d_state == kN): every thread runs the tile code, threads of channels past d_inner
+///  on zeros, and only stores are masked; registers across the whole tile.
+///  !kExact (kSplit 1): d_state <= kN with guards, the plain step loop.
+template <int kN, bool kExact, int kSplit, Mode kMode>
+// No min-blocks argument: with an explicit 1, ptxas took ~245 registers and ran 25% slower.
+MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit) scan_chunk(ScanParams const p) {
+  static_assert(kExact || kSplit == 1, "the general path has one thread per channel");
+  static_assert(kN % (4 * kSplit) == 0, "each thread holds whole float4 groups of states");
+  constexpr int kNT = kN / kSplit;  // states per thread
+  constexpr int kBlock = kThreads * kSplit;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   auto* stages = reinterpret_cast<Stage<kN>*>(smem_raw);
 
   auto const& a = p.a;
-  int const N = kExact ? kN : a.d_state;  // kExact: d_state == kN, the guards fold away
+  int const N = kExact ? kN : a.d_state;  // kExact: the guards fold away
   int const tid = threadIdx.x;
-  int const d = blockIdx.x * kThreads + tid;
+  int const ch = tid / kSplit;            // channel within the block
+  int const sub = tid % kSplit;           // which part of the states
+  int const n0 = sub * kNT;               // first state of this thread
+  int const d = blockIdx.x * kThreads + ch;
   int const c = blockIdx.y;
   int const b = blockIdx.z;
   bool const active = d < a.d_inner;
+  int const dc = active ? d : a.d_inner - 1;  // parameters of a real channel for idle threads
   int const t0 = c * p.chunk_len;
   int const t1 = min(a.length, t0 + p.chunk_len);
   std::int64_t const row0 = static_cast<std::int64_t>(b) * a.length;
 
   constexpr float kLog2e = 1.4426950408889634f;
-  float A2[kN], h[kN];
+  float A2[kNT], h[kNT];
 #pragma unroll
-  for (int n = 0; n < kN; ++n) {
-    A2[n] = (active && n < N) ? a.A[static_cast<std::int64_t>(d) * N + n] * kLog2e : 0.f;
-    h[n] = 0.f;
+  for (int i = 0; i < kNT; ++i) {
+    A2[i] = (n0 + i < N) ? a.A[static_cast<std::int64_t>(dc) * N + n0 + i] * kLog2e : 0.f;
+    h[i] = 0.f;
   }
   if constexpr (kMode == Mode::kWrite) {
     if (active && p.h_in.p) {
       float const* src = p.h_in.p + b * p.h_in.sb + c * p.h_in.sc + d * p.h_in.sd;
 #pragma unroll
-      for (int n = 0; n < kN; ++n)
-        if (n < N) h[n] = src[n * p.h_in.sn];
+      for (int i = 0; i < kNT; ++i)
+        if (n0 + i < N) h[i] = src[(n0 + i) * p.h_in.sn];
     }
   }
-  float const bias = (active && a.delta_bias) ? a.delta_bias[d] : 0.f;
-  float const Dd = (active && a.D) ? a.D[d] : 0.f;
+  float const bias = a.delta_bias ? a.delta_bias[dc] : 0.f;
+  float const Dd = a.D ? a.D[dc] : 0.f;
   bool const has_z = a.z != nullptr;
   float dsum = 0.f;
 
-  // Issues the cp.async copies of the tile starting at time t into stage s.
+  // Issues the cp.async copies of the tile starting at time t into stage s: the block's
+  // threads walk the (step, channel) columns so that each warp reads 32 consecutive channels
+  // of one row. Columns of channels past d_inner are zero-filled.
   auto issue = [&](int s, int t) {
     int const nt = min(kTileT, t1 - t);
     Stage<kN>& st = stages[s];
-    if (active) {
-      for (int k = 0; k < nt; ++k) {
-        std::int64_t const row = row0 + t + k;
-        __pipeline_memcpy_async(&st.u[k][tid], a.u + row * a.ld_u + d, sizeof(float));
-        __pipeline_memcpy_async(&st.dt[k][tid], a.delta + row * a.ld_delta + d, sizeof(float));
+    int const col = tid % kThreads;
+    int const dl = blockIdx.x * kThreads + col;
+    if (dl < a.d_inner) {
+      std::int64_t const row = row0 + t;
+      for (int k = tid / kThreads; k < nt; k += kSplit) {
+        __pipeline_memcpy_async(&st.u[k][col], a.u + (row + k) * a.ld_u + dl, sizeof(float));
+        __pipeline_memcpy_async(&st.dt[k][col], a.delta + (row + k) * a.ld_delta + dl, sizeof(float));
         if (kMode == Mode::kWrite && has_z)
-          __pipeline_memcpy_async(&st.z[k][tid], a.z + row * a.ld_z + d, sizeof(float));
+          __pipeline_memcpy_async(&st.z[k][col], a.z + (row + k) * a.ld_z + dl, sizeof(float));
+      }
+    } else if constexpr (kExact) {
+      for (int k = tid / kThreads; k < nt; k += kSplit) {
+        st.u[k][col] = 0.f;
+        st.dt[k][col] = 0.f;
+        st.z[k][col] = 0.f;
       }
     }
     int const per_row = (kMode == Mode::kWrite) ? 2 * N : N;  // kReduce needs no C
-    for (int i = tid; i < nt * per_row; i += kThreads) {
+    for (int i = tid; i < nt * per_row; i += kBlock) {
       int const k = i / per_row, j = i - k * per_row;
       std::int64_t const row = row0 + t + k;
       float const* src = j < N ? a.B + row * a.ld_B + j : a.C + row * a.ld_C + (j - N);
-      int const col = j < N ? j : kN + (j - N);
-      __pipeline_memcpy_async(&st.bc[k][col], src, sizeof(float));
+      int const cj = j < N ? j : kN + (j - N);
+      __pipeline_memcpy_async(&st.bc[k][cj], src, sizeof(float));
     }
     __pipeline_commit();
   };
@@ -160,10 +208,10 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads) scan_chunk(ScanParams const p)
 #pragma unroll
     for (int k = 0; k < kTileT; ++k) {
       if (!kGuarded || k < nt) {
-        float dt = st.dt[k][tid] + bias;
+        float dt = st.dt[k][ch] + bias;
         if (a.delta_softplus) dt = softplus_dev(dt);
         dtv[k] = dt;
-        uv[k] = st.u[k][tid];
+        uv[k] = st.u[k][ch];
       }
     }
     float yv[kTileT];
@@ -172,12 +220,23 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads) scan_chunk(ScanParams const p)
       if (!kGuarded || k < nt) {
         float const du = dtv[k] * uv[k];
         float y0 = 0.f, y1 = 0.f;
+        // B_t, C_t: the same for every thread (broadcast), read 16 bytes at a time.
+        float4 const* bc4 = reinterpret_cast<float4 const*>(&st.bc[k][n0]);
 #pragma unroll
-        for (int n = 0; n < kN; ++n) {
-          h[n] = fmaf(ex2_approx(dtv[k] * A2[n]), h[n], du * st.bc[k][n]);
+        for (int q = 0; q < kNT / 4; ++q) {
+          float4 const B4 = bc4[q];
+          float const Bq[4] = {B4.x, B4.y, B4.z, B4.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            int const i = 4 * q + j;
+            h[i] = fmaf(ex2_approx(dtv[k] * A2[i]), h[i], du * Bq[j]);
+          }
           if constexpr (kMode == Mode::kWrite) {
-            if (n & 1) y1 = fmaf(h[n], st.bc[k][kN + n], y1);
-            else y0 = fmaf(h[n], st.bc[k][kN + n], y0);
+            float4 const C4 = bc4[kN / 4 + q];
+            y0 = fmaf(h[4 * q + 0], C4.x, y0);
+            y1 = fmaf(h[4 * q + 1], C4.y, y1);
+            y0 = fmaf(h[4 * q + 2], C4.z, y0);
+            y1 = fmaf(h[4 * q + 3], C4.w, y1);
           }
         }
         yv[k] = y0 + y1;
@@ -185,15 +244,20 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads) scan_chunk(ScanParams const p)
       }
     }
     if constexpr (kMode == Mode::kWrite) {
+      float* po = a.out + (row0 + t) * a.ld_out + d;
 #pragma unroll
       for (int k = 0; k < kTileT; ++k) {
         if (!kGuarded || k < nt) {
-          float y = fmaf(Dd, uv[k], yv[k]);
+          float y = yv[k];
+#pragma unroll
+          for (int m = 1; m < kSplit; m <<= 1) y += __shfl_xor_sync(0xffffffffu, y, m);
+          y = fmaf(Dd, uv[k], y);
           if (has_z) {
-            float const zz = st.z[k][tid];
+            float const zz = st.z[k][ch];
             y = __fdividef(y * zz, 1.f + __expf(-zz));
           }
-          a.out[(row0 + t + k) * a.ld_out + d] = y;
+          if (active && sub == 0) *po = y;
+          po += a.ld_out;
         }
       }
     }
@@ -203,13 +267,13 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads) scan_chunk(ScanParams const p)
   auto tile_general = [&](Stage<kN> const& st, int t, int nt) {
 #pragma unroll 2
     for (int k = 0; k < nt; ++k) {
-      float dt = st.dt[k][tid] + bias;
+      float dt = st.dt[k][ch] + bias;
       if (a.delta_softplus) dt = softplus_dev(dt);
-      float const u = st.u[k][tid];
+      float const u = st.u[k][ch];
       float const du = dt * u;
       float y0 = 0.f, y1 = 0.f;
 #pragma unroll
-      for (int n = 0; n < kN; ++n) {
+      for (int n = 0; n < kNT; ++n) {
         if (n < N) {
           h[n] = fmaf(ex2_approx(dt * A2[n]), h[n], du * st.bc[k][n]);
           if constexpr (kMode == Mode::kWrite) {
@@ -221,7 +285,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads) scan_chunk(ScanParams const p)
       if constexpr (kMode == Mode::kWrite) {
         float y = y0 + y1 + Dd * u;
         if (has_z) {
-          float const zz = st.z[k][tid];
+          float const zz = st.z[k][ch];
           y = __fdividef(y * zz, 1.f + __expf(-zz));
         }
         a.out[(row0 + t + k) * a.ld_out + d] = y;
@@ -243,18 +307,13 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads) scan_chunk(ScanParams const p)
     __syncthreads();
     Stage<kN> const& st = stages[s];
     int const nt = min(kTileT, t1 - t);
-    if (active) {
-      if constexpr (kExact) {
-        // Registers across the whole tile (compile-time indices): first every step's delta
-        // (independent of h), then the recurrence, then the outputs, so that the loads and
-        // the exponentials of different steps overlap.
-        if (nt == kTileT)
-          tile_exact(st, t, std::integral_constant<bool, false>{});
-        else
-          tile_exact(st, t, std::integral_constant<bool, true>{});
-      } else {
-        tile_general(st, t, nt);
-      }
+    if constexpr (kExact) {
+      if (nt == kTileT)
+        tile_exact(st, t, std::integral_constant<bool, false>{});
+      else
+        tile_exact(st, t, std::integral_constant<bool, true>{});
+    } else {
+      if (active) tile_general(st, t, nt);
     }
     __syncthreads();  // stage s is refilled by the next iteration's issue()
     s ^= 1;
@@ -264,15 +323,15 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads) scan_chunk(ScanParams const p)
   if constexpr (kMode == Mode::kReduce) {
     float* dst = p.h_out.p + b * p.h_out.sb + c * p.h_out.sc + d * p.h_out.sd;
 #pragma unroll
-    for (int n = 0; n < kN; ++n)
-      if (n < N) dst[n * p.h_out.sn] = h[n];
-    p.dsum[(static_cast<std::int64_t>(b) * p.n_chunks + c) * a.d_inner + d] = dsum;
+    for (int i = 0; i < kNT; ++i)
+      if (n0 + i < N) dst[(n0 + i) * p.h_out.sn] = h[i];
+    if (sub == 0) p.dsum[(static_cast<std::int64_t>(b) * p.n_chunks + c) * a.d_inner + d] = dsum;
   } else {
     if (p.h_out.p && c == p.n_chunks - 1) {
       float* dst = p.h_out.p + b * p.h_out.sb + d * p.h_out.sd;
 #pragma unroll
-      for (int n = 0; n < kN; ++n)
-        if (n < N) dst[n * p.h_out.sn] = h[n];
+      for (int i = 0; i < kNT; ++i)
+        if (n0 + i < N) dst[(n0 + i) * p.h_out.sn] = h[i];
     }
   }
 }
@@ -328,23 +387,33 @@ inline std::size_t chunked_workspace_bytes(int batch, int length, int d_inner, i
   return static_cast<std::size_t>(batch) * chunks * d_inner * (d_state + 1) * sizeof(float);
 }
 
-template <int kN, bool kExact, Mode kMode>
-void launch_scan(ScanParams const& p, dim3 grid, cudaStream_t stream) {
+template <int kN, bool kExact, int kSplit, Mode kMode>
+auto* prepare_scan_kernel() {
   constexpr std::size_t smem = 2 * sizeof(Stage<kN>);
   static_assert(smem <= 227 * 1024, "stage too large");
-  auto* fn = &kernel::scan_chunk<kN, kExact, kMode>;
+  auto* fn = &kernel::scan_chunk<kN, kExact, kSplit, kMode>;
   if constexpr (smem > 48 * 1024)
     MAMBABYTE_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(smem)));
-  fn<<<grid, kThreads, smem, stream>>>(p);
+  return fn;
+}
+
+template <int kN, bool kExact, int kSplit, Mode kMode>
+void launch_scan(ScanParams const& p, dim3 grid, cudaStream_t stream) {
+  auto* fn = prepare_scan_kernel<kN, kExact, kSplit, kMode>();
+  fn<<<grid, kThreads * kSplit, 2 * sizeof(Stage<kN>), stream>>>(p);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
 }
 
+/// chunk_len >= length: one chunk (no workspace). split_single: threads per channel for that
+/// single-chunk launch (kExact only; 1 or kSplitSequential).
 template <int kN, bool kExact>
 void run_impl(ssm::SelectiveScanArguments<float> const& a, int chunk_len, void* ws,
-              cudaStream_t stream) {
+              bool split_single, cudaStream_t stream) {
   int const blocks_d = (a.d_inner + kThreads - 1) / kThreads;
   int const n_chunks = (a.length + chunk_len - 1) / chunk_len;
+  require(a.batch <= 65535 && n_chunks <= 65535, "selective scan (CUDA): batch ", a.batch,
+          " or chunk count ", n_chunks, " exceeds the grid limit 65535 (use longer chunks)");
   ScanParams p;
   p.a = a;
   std::int64_t const DN = static_cast<std::int64_t>(a.d_inner) * a.d_state;
@@ -355,7 +424,14 @@ void run_impl(ssm::SelectiveScanArguments<float> const& a, int chunk_len, void* 
     p.n_chunks = 1;
     p.h_in = init;
     p.h_out = fin;
-    launch_scan<kN, kExact, Mode::kWrite>(p, dim3(blocks_d, 1, a.batch), stream);
+    dim3 const grid(blocks_d, 1, a.batch);
+    if constexpr (kExact) {
+      if (split_single) {
+        launch_scan<kN, kExact, kSplitSequential, Mode::kWrite>(p, grid, stream);
+        return;
+      }
+    }
+    launch_scan<kN, kExact, 1, Mode::kWrite>(p, grid, stream);
     return;
   }
   require(ws != nullptr, "selective scan (CUDA, chunked): null workspace");
@@ -365,21 +441,37 @@ void run_impl(ssm::SelectiveScanArguments<float> const& a, int chunk_len, void* 
   StateView slots{static_cast<float*>(ws), n_chunks * DN, DN, 1, a.d_inner};
   p.dsum = static_cast<float*>(ws) + static_cast<std::size_t>(a.batch) * n_chunks * DN;
   p.h_out = slots;
-  launch_scan<kN, kExact, Mode::kReduce>(p, dim3(blocks_d, n_chunks - 1, a.batch), stream);
+  launch_scan<kN, kExact, 1, Mode::kReduce>(p, dim3(blocks_d, n_chunks - 1, a.batch), stream);
   kernel::carry_chunks<kN><<<dim3(blocks_d, 1, a.batch), kThreads, 0, stream>>>(p);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
   p.h_in = slots;
   p.h_out = fin;
-  launch_scan<kN, kExact, Mode::kWrite>(p, dim3(blocks_d, n_chunks, a.batch), stream);
+  launch_scan<kN, kExact, 1, Mode::kWrite>(p, dim3(blocks_d, n_chunks, a.batch), stream);
 }
 
 inline void run(ssm::SelectiveScanArguments<float> const& a, int chunk_len, void* ws,
-                Cuda const& be) {
+                bool split_single, Cuda const& be) {
   ScopedDevice guard(be.device);
   if (a.d_state == 16)
-    run_impl<16, true>(a, chunk_len, ws, be.stream);  // the model's d_state
+    run_impl<16, true>(a, chunk_len, ws, split_single, be.stream);  // the model's d_state
   else
-    run_impl<kMaxState, false>(a, chunk_len, ws, be.stream);
+    run_impl<kMaxState, false>(a, chunk_len, ws, false, be.stream);
+}
+
+/// Resident blocks per SM of the chunked scans' write kernel (their occupancy limit).
+inline int chunk_blocks_per_sm(int d_state, int device) {
+  ScopedDevice guard(device);
+  int n = 0;
+  if (d_state == 16) {
+    auto* fn = prepare_scan_kernel<16, true, 1, Mode::kWrite>();
+    MAMBABYTE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &n, fn, kThreads, 2 * sizeof(Stage<16>)));
+  } else {
+    auto* fn = prepare_scan_kernel<kMaxState, false, 1, Mode::kWrite>();
+    MAMBABYTE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &n, fn, kThreads, 2 * sizeof(Stage<kMaxState>)));
+  }
+  return std::max(n, 1);
 }
 
 inline int sm_count(int device) {
@@ -392,19 +484,21 @@ inline int sm_count(int device) {
 
 namespace mambabyte::ssm {
 
-/// The rule behind scan::Auto on CUDA: time chunk length, or 0 for Sequential.
-/// The sequential scan does the fewest exponentials (one per state per step); the chunked one
-/// about 1.9x as many but batch x channel-blocks x chunks blocks instead of batch x
-/// channel-blocks. Sequential when the channel blocks alone give every SM at least one block
-/// (kThreads channels of one batch); otherwise enough chunks for about two blocks per SM,
-/// chunks a multiple of 64 steps and at least 256 long. Measured in docs/cuda.md.
-inline int resolve_auto_cuda(int batch, int length, int d_inner, int sms) {
+/// The rule behind scan::Auto on CUDA: the time chunk length, or 0 for one chunk.
+/// `wave` = SMs x resident blocks per SM of the scan kernel. The single-chunk scan does the
+/// fewest exponentials (one per state per step) but has only batch x channel-blocks blocks
+/// (kThreads channels each): while those do not fill one wave, the SMs hold few warps and the
+/// time loop is latency-bound. The chunked scan does about 1.9x the exponentials but can fill
+/// the wave. Measured (docs/cuda.md): one chunk once the channel blocks fill a wave; else as
+/// many chunks as fit in one wave (floor(wave / blocks), at least 2), chunks a multiple of 64
+/// steps and at least 256 long.
+inline int resolve_auto_cuda(int batch, int length, int d_inner, int wave) {
   long const blocks = static_cast<long>(batch) *
                       ((d_inner + backend::cuda::scan_detail::kThreads - 1) /
                        backend::cuda::scan_detail::kThreads);
-  if (blocks >= sms || length < 512) return 0;
-  long const want_chunks = (2L * sms + blocks - 1) / blocks;
-  long chunk = (length + want_chunks - 1) / want_chunks;
+  if (blocks >= wave || length < 512) return 0;
+  long const chunks = std::max(2L, wave / blocks);
+  long chunk = (length + chunks - 1) / chunks;
   chunk = std::max(256L, (chunk + 63) / 64 * 64);
   return chunk >= length ? 0 : static_cast<int>(chunk);
 }
@@ -443,7 +537,7 @@ struct SelectiveScan<backend::Cuda, float, scan::Sequential>
   static void run(Arguments const& a, void*, backend::Cuda const& be) {
     check(a);
     if (a.batch == 0 || a.length == 0) return;
-    backend::cuda::scan_detail::run(a, a.length, nullptr, be);
+    backend::cuda::scan_detail::run(a, a.length, nullptr, /*split_single=*/true, be);
   }
 };
 
@@ -460,7 +554,7 @@ struct SelectiveScan<backend::Cuda, float, scan::Chunked<ChunkLen>>
   static void run(Arguments const& a, void* ws, backend::Cuda const& be) {
     Base::check(a);
     if (a.batch == 0 || a.length == 0) return;
-    backend::cuda::scan_detail::run(a, ChunkLen, ws, be);
+    backend::cuda::scan_detail::run(a, ChunkLen, ws, /*split_single=*/true, be);
   }
 };
 
@@ -473,8 +567,9 @@ struct SelectiveScan<backend::Cuda, float, scan::Auto>
   /// Chunk length Auto uses for these arguments (0: Sequential).
   static int choose(Arguments const& a, backend::Cuda const& be) {
     if (a.batch <= 0 || a.length <= 0) return 0;
+    namespace sd = backend::cuda::scan_detail;
     return resolve_auto_cuda(a.batch, a.length, a.d_inner,
-                             backend::cuda::scan_detail::sm_count(be.device));
+                             sd::sm_count(be.device) * sd::chunk_blocks_per_sm(a.d_state, be.device));
   }
   static std::size_t workspace_bytes(Arguments const& a, backend::Cuda const& be) {
     int const chunk = choose(a, be);
@@ -486,7 +581,8 @@ struct SelectiveScan<backend::Cuda, float, scan::Auto>
     check(a);
     if (a.batch == 0 || a.length == 0) return;
     int const chunk = choose(a, be);
-    backend::cuda::scan_detail::run(a, chunk == 0 ? a.length : chunk, ws, be);
+    // One chunk here means the channel blocks fill the SMs: no split (fewer instructions).
+    backend::cuda::scan_detail::run(a, chunk == 0 ? a.length : chunk, ws, /*split_single=*/false, be);
   }
 };
 

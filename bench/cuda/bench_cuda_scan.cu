@@ -1,0 +1,218 @@
+// bench_cuda_scan: the CUDA selective scan (fp32) per policy at the mamba_ssm comparison shapes
+// (docs/cuda.md), timed with CUDA events: median of --reps runs after warm-ups. Prints a table
+// with the two floors (HBM bytes at 4.8 TB/s, exponentials at the SFU rate) and the ratio to
+// mamba_ssm 2.3.2's fp32 forward on one H200 (REFERENCE.md section 0).
+//   bench_cuda_scan [--quick] [--reps R] [--shape I] [--policy NAME]
+// --shape I: only the I-th shape (0-based); --policy NAME: only policies whose name starts
+// with NAME (e.g. "chunked<2048>", "seq"); both for profiling one kernel under ncu.
+// --quick: tiny shapes, 2 reps (keeps the program from rotting; ctest label `cuda`).
+// Inputs are random (a counter hash on the device), never zeros; B and C sit inside x_proj
+// rows (ld = dt_rank + 2N, dt_rank 64) as the model passes them.
+#include <mambabyte/cuda.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+using mambabyte::backend::Cuda;
+using mambabyte::backend::cuda::DeviceBuffer;
+namespace ssm = mambabyte::ssm;
+namespace scan = mambabyte::scan;
+
+__global__ void fill_uniform(float* p, std::size_t n, std::uint64_t seed, float lo, float hi) {
+  std::size_t const stride = std::size_t(blockDim.x) * gridDim.x;
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    std::uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+    x ^= x >> 31; x *= 0xBF58476D1CE4E5B9ull; x ^= x >> 27; x *= 0x94D049BB133111EBull; x ^= x >> 31;
+    float const r = static_cast<float>(x >> 40) * (1.0f / 16777216.0f);
+    p[i] = lo + (hi - lo) * r;
+  }
+}
+
+__global__ void make_A(float* A, int d_inner, int N) {
+  int const i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < d_inner * N) A[i] = -static_cast<float>(i % N + 1);  // S4D-real init
+}
+
+void fill(float* p, std::size_t n, std::uint64_t seed, float lo, float hi) {
+  fill_uniform<<<1024, 256>>>(p, n, seed, lo, hi);
+  MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+}
+
+struct Shape { int B, D, L, N; double mamba_fwd_ms; };
+
+struct Buffers {
+  DeviceBuffer<float> u, delta, z, out, xproj, bias, A, Dv, hT;
+  ssm::SelectiveScanArguments<float> a;
+  explicit Buffers(Shape const& s) {
+    std::size_t const rows = std::size_t(s.B) * s.L;
+    std::size_t const x = rows * s.D;
+    int const dt_rank = 64;
+    int const ldx = dt_rank + 2 * s.N;
+    u = DeviceBuffer<float>(x); delta = DeviceBuffer<float>(x); z = DeviceBuffer<float>(x);
+    out = DeviceBuffer<float>(x); xproj = DeviceBuffer<float>(rows * ldx);
+    bias = DeviceBuffer<float>(s.D); A = DeviceBuffer<float>(std::size_t(s.D) * s.N);
+    Dv = DeviceBuffer<float>(s.D); hT = DeviceBuffer<float>(std::size_t(s.B) * s.D * s.N);
+    fill(u.data(), x, 1, -1, 1);
+    fill(delta.data(), x, 2, -3, 1);
+    fill(z.data(), x, 3, -2, 2);
+    fill(out.data(), x, 4, -1, 1);
+    fill(xproj.data(), rows * ldx, 5, -1, 1);
+    fill(bias.data(), s.D, 6, -4, -2);
+    fill(Dv.data(), s.D, 7, 0.9f, 1.1f);
+    make_A<<<(s.D * s.N + 255) / 256, 256>>>(A.data(), s.D, s.N);
+    MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+    a.batch = s.B; a.length = s.L; a.d_inner = s.D; a.d_state = s.N;
+    a.u = u.data(); a.ld_u = s.D;
+    a.delta = delta.data(); a.ld_delta = s.D;
+    a.delta_bias = bias.data(); a.delta_softplus = true;
+    a.A = A.data();
+    a.B = xproj.data() + dt_rank; a.ld_B = ldx;
+    a.C = xproj.data() + dt_rank + s.N; a.ld_C = ldx;
+    a.D = Dv.data();
+    a.z = z.data(); a.ld_z = s.D;
+    a.out = out.data(); a.ld_out = s.D;
+    a.final_state = hT.data();
+  }
+};
+
+template <class P>
+double time_policy(ssm::SelectiveScanArguments<float> const& a, int warmups, int reps,
+                   double* exps_factor) {
+  Cuda const be{};
+  using Op = ssm::SelectiveScan<Cuda, float, P>;
+  DeviceBuffer<std::byte> ws(Op::workspace_bytes(a, be));
+  cudaEvent_t e0, e1;
+  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&e0));
+  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&e1));
+  for (int i = 0; i < warmups; ++i) Op::run(a, ws.data(), be);
+  MAMBABYTE_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> ms(reps);
+  for (int i = 0; i < reps; ++i) {
+    MAMBABYTE_CUDA_CHECK(cudaEventRecord(e0, be.stream));
+    Op::run(a, ws.data(), be);
+    MAMBABYTE_CUDA_CHECK(cudaEventRecord(e1, be.stream));
+    MAMBABYTE_CUDA_CHECK(cudaEventSynchronize(e1));
+    MAMBABYTE_CUDA_CHECK(cudaEventElapsedTime(&ms[i], e0, e1));
+  }
+  MAMBABYTE_CUDA_CHECK(cudaEventDestroy(e0));
+  MAMBABYTE_CUDA_CHECK(cudaEventDestroy(e1));
+  std::sort(ms.begin(), ms.end());
+  // Exponentials of the state update relative to one per (b, t, d, n): chunked scans do phase 1
+  // on all chunks but the last, then phase 3 on all.
+  *exps_factor = ws.size() ? 2.0 : 1.0;
+  return reps % 2 ? ms[reps / 2] : 0.5 * (ms[reps / 2 - 1] + ms[reps / 2]);
+}
+
+double copy_bandwidth_tbs() {
+  std::size_t const n = std::size_t(1) << 30;  // 1 GiB each way
+  DeviceBuffer<char> src(n), dst(n);
+  MAMBABYTE_CUDA_CHECK(cudaMemset(src.data(), 1, n));
+  cudaEvent_t e0, e1;
+  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&e0));
+  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<float> ms(10);
+  for (int i = 0; i < 12; ++i) {
+    MAMBABYTE_CUDA_CHECK(cudaEventRecord(e0));
+    MAMBABYTE_CUDA_CHECK(cudaMemcpy(dst.data(), src.data(), n, cudaMemcpyDeviceToDevice));
+    MAMBABYTE_CUDA_CHECK(cudaEventRecord(e1));
+    MAMBABYTE_CUDA_CHECK(cudaEventSynchronize(e1));
+    if (i >= 2) MAMBABYTE_CUDA_CHECK(cudaEventElapsedTime(&ms[i - 2], e0, e1));
+  }
+  std::sort(ms.begin(), ms.end());
+  return 2.0 * n / (ms[5] * 1e-3) / 1e12;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  int reps = 20, only_shape = -1;
+  std::string only_policy;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--shape") && i + 1 < argc) only_shape = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--policy") && i + 1 < argc) only_policy = argv[++i];
+    else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::max(1, std::atoi(argv[++i]));
+  }
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("bench_cuda_scan: no CUDA device, nothing to time\n");
+    return 0;
+  }
+  try {
+    cudaDeviceProp prop{};
+    MAMBABYTE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    int clock_khz = 0;
+    if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0) != cudaSuccess || clock_khz == 0) {
+      (void)cudaGetLastError();
+      clock_khz = 1980000;
+    }
+    int const sms = prop.multiProcessorCount;
+    double const sfu_per_s = double(sms) * 16.0 * clock_khz * 1e3;  // MUFU.EX2: 16/clk/SM
+    std::vector<Shape> shapes = {{8, 2048, 8192, 16, 4.911}, {1, 2048, 65536, 16, 5.624},
+                                 {16, 1536, 2048, 16, 1.733}};
+    int warmups = 3;
+    if (reps <= 1) warmups = 0;
+    if (quick) {
+      shapes = {{2, 256, 1024, 16, 0}, {1, 128, 4096, 16, 0}};
+      reps = 2;
+      warmups = 1;
+    }
+    double const copy_tbs = (quick || only_shape >= 0) ? 0.0 : copy_bandwidth_tbs();
+    std::printf("device %s, %d SMs, %.0f MHz; device copy %.2f TB/s (read+write); reps %d (median)\n",
+                prop.name, sms, clock_khz / 1e3, copy_tbs, reps);
+    std::printf("%-22s %-16s %9s %9s %9s %9s %8s %9s %8s\n", "shape (B,D,L,N)", "policy", "ms",
+                "GB/s", "floor_mem", "floor_exp", "x_floor", "mamba_ssm", "speedup");
+    for (std::size_t si = 0; si < shapes.size(); ++si) {
+      if (only_shape >= 0 && static_cast<std::size_t>(only_shape) != si) continue;
+      Shape const& s = shapes[si];
+      Buffers buf(s);
+      double const bytes = 4.0 * s.B * double(s.L) * s.D * 4 + 2.0 * s.B * double(s.L) * s.N * 4;
+      double const t_mem = bytes / 4.8e12 * 1e3;
+      double const exps = double(s.B) * s.L * s.D * s.N;
+      auto row = [&](char const* name, double ms, double factor) {
+        double const t_exp = exps * factor / sfu_per_s * 1e3;
+        double const floor = std::max(t_mem, t_exp);
+        char shape[64];
+        std::snprintf(shape, sizeof shape, "(%d,%d,%d,%d)", s.B, s.D, s.L, s.N);
+        std::printf("%-22s %-16s %9.3f %9.0f %9.3f %9.3f %8.2f %9.3f %8.2f\n", shape, name, ms,
+                    bytes / (ms * 1e-3) / 1e9, t_mem, t_exp, ms / floor, s.mamba_fwd_ms,
+                    s.mamba_fwd_ms > 0 ? s.mamba_fwd_ms / ms : 0.0);
+      };
+      auto want = [&](char const* name) {
+        return only_policy.empty() || std::string(name).rfind(only_policy, 0) == 0;
+      };
+      auto bench = [&](auto policy, char const* name) {
+        using P = decltype(policy);
+        if (!want(name)) return;
+        double f = 1;
+        double const t = time_policy<P>(buf.a, warmups, reps, &f);
+        row(name, t, f);
+      };
+      bench(scan::Sequential{}, "sequential");
+      bench(scan::Chunked<256>{}, "chunked<256>");
+      bench(scan::Chunked<512>{}, "chunked<512>");
+      bench(scan::Chunked<1024>{}, "chunked<1024>");
+      bench(scan::Chunked<2048>{}, "chunked<2048>");
+      bench(scan::Chunked<4096>{}, "chunked<4096>");
+      if (want("auto")) {
+        Cuda const be{};
+        int const chunk = ssm::SelectiveScan<Cuda, float, scan::Auto>::choose(buf.a, be);
+        double f = 1;
+        double const t = time_policy<scan::Auto>(buf.a, warmups, reps, &f);
+        std::string const name = "auto(" + (chunk ? std::to_string(chunk) : std::string("seq")) + ")";
+        row(name.c_str(), t, f);
+      }
+    }
+  } catch (std::exception const& e) {
+    std::printf("FAIL %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
