@@ -20,6 +20,8 @@
 using namespace mambabyte;
 namespace fs = std::filesystem;
 
+using mbtest::random_tokens;
+
 namespace {
 
 ModelConfig small_config(int variant) {
@@ -42,12 +44,6 @@ ModelConfig small_config(int variant) {
   }
   c.finalize();
   return c;
-}
-
-std::vector<std::int32_t> random_tokens(std::size_t n, int vocab, std::mt19937_64& rng) {
-  std::vector<std::int32_t> t(n);
-  for (auto& x : t) x = static_cast<std::int32_t>(rng() % static_cast<std::uint64_t>(vocab));
-  return t;
 }
 
 /// Mean next-byte cross-entropy with the fp64 reference model; tokens (batch, L+1).

@@ -12,6 +12,8 @@
 
 using namespace mambabyte;
 
+using mbtest::random_tokens;
+
 namespace {
 
 ModelConfig small_config(int variant) {
@@ -34,12 +36,6 @@ ModelConfig small_config(int variant) {
   }
   c.finalize();
   return c;
-}
-
-std::vector<std::int32_t> random_tokens(std::size_t n, int vocab, std::mt19937_64& rng) {
-  std::vector<std::int32_t> t(n);
-  for (auto& x : t) x = static_cast<std::int32_t>(rng() % static_cast<std::uint64_t>(vocab));
-  return t;
 }
 
 /// Reference logits of each sequence of a batch (each from a zero state).

@@ -63,6 +63,13 @@ inline mambabyte::ModelWeights<T> random_weights(mambabyte::ModelConfig cfg, std
   return w;
 }
 
+/// n random token ids in [0, vocab).
+inline std::vector<std::int32_t> random_tokens(std::size_t n, int vocab, std::mt19937_64& rng) {
+  std::vector<std::int32_t> t(n);
+  for (auto& x : t) x = static_cast<std::int32_t>(rng() % static_cast<std::uint64_t>(vocab));
+  return t;
+}
+
 template <class To, class From>
 inline mambabyte::ModelWeights<To> cast_weights(mambabyte::ModelWeights<From> const& w) {
   mambabyte::ModelWeights<To> o(w.config());
