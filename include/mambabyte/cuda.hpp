@@ -21,3 +21,4 @@
 
 #include "mambabyte/backend/cuda/common.cuh"
 #include "mambabyte/backend/cuda/selective_scan.cuh"
+#include "mambabyte/backend/cuda/selective_scan_backward.cuh"

@@ -154,7 +154,7 @@ struct CausalConv1d<backend::Cpu, T> {
         if (s >= 0) return a.x + (static_cast<std::int64_t>(b) * L + s) * a.ld_x + c0;
         return st ? st + static_cast<std::int64_t>(K - 1 + s) * C + c0 : nullptr;
       };
-      Arr1<T> acc(nc);
+      Arr1<T> acc(nc), e(nc);
       for (int t = 0; t < L; ++t) {
         if (a.bias) acc = CMapA<T>(a.bias + c0, nc); else acc.setZero();
         for (int k = 0; k < K; ++k) {
@@ -162,7 +162,13 @@ struct CausalConv1d<backend::Cpu, T> {
           if (in) acc += CMapA<T>(wt.data() + static_cast<std::size_t>(k) * C + c0, nc) * CMapA<T>(in, nc);
         }
         MapA<T> out(a.out + (static_cast<std::int64_t>(b) * L + t) * a.ld_out + c0, nc);
-        if (a.silu) out = acc / (T(1) + (-acc).exp()); else out = acc;
+        if (a.silu) {
+          e = -acc;
+          e = e.exp();  // on a stored array: vectorised (see backend/cpu/selective_scan.hpp)
+          out = acc / (T(1) + e);
+        } else {
+          out = acc;
+        }
       }
       if (st && K > 1) {  // new state: the last K-1 inputs of [state ; x], oldest first
         aligned_vector<T> keep(static_cast<std::size_t>(K - 1) * nc);

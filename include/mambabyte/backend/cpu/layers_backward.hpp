@@ -215,7 +215,9 @@ struct CausalConv1dBackward<backend::Cpu, T> {
             CMapA<T> dout(a.dout + (static_cast<std::int64_t>(b) * L + s) * a.ld_dout + c0, nc);
             MapA<T> dp = slot(s);
             if (a.silu) {
-              sig = T(1) / (T(1) + (-pre).exp());
+              sig = -pre;
+              sig = sig.exp();  // on a stored array: vectorised
+              sig = T(1) / (T(1) + sig);
               dp = dout * sig * (T(1) + pre * (T(1) - sig));
             } else {
               dp = dout;

@@ -278,8 +278,9 @@ void run_associative(ssm::SelectiveScanArguments<T> const& a, int threads, void*
             std::int64_t const row = static_cast<std::int64_t>(b) * L + t;
             load_delta(a, row, d0, nd, s);
             s.du = s.dlt * CMap1<T>(a.u + row * a.ld_u + d0, nd);
-            A_at(t) = A.rowwise() * s.dlt.transpose();
-            A_at(t) = A_at(t).exp();
+            s.dA = A.rowwise() * s.dlt.transpose();
+            s.dA = s.dA.exp();  // in owned, aligned scratch: independent of the slot's alignment
+            A_at(t) = s.dA;
             B_at(t) = (CMap1<T>(a.B + row * a.ld_B, N).matrix() * s.du.matrix().transpose()).array();
           } else {
             A_at(t).setOnes();

@@ -98,7 +98,7 @@ struct ChunkBuffers {
   T* as = nullptr;  ///< slot i: a_{s+i}
   T* ds = nullptr;  ///< slot i: delta_{s+i} (kTile elements)
   std::size_t slot = 0;
-  Arr1<T> v, dy, y, gB, du, dd, dltu, sig, zsil;
+  Arr1<T> v, dy, y, gB, du, dd, dltu, sig, zsil, e;  // e: scratch for transcendentals
   Arr2<T> g, w;
 
   static std::size_t elements(int K, int N) {
@@ -113,7 +113,7 @@ struct ChunkBuffers {
   }
   void resize(int N, int nd) {
     v.resize(nd); dy.resize(nd); y.resize(nd); gB.resize(nd); du.resize(nd); dd.resize(nd);
-    dltu.resize(nd); sig.resize(nd); zsil.resize(nd);
+    dltu.resize(nd); sig.resize(nd); zsil.resize(nd); e.resize(nd);
     g.resize(N, nd); w.resize(N, nd);
   }
 };
@@ -125,9 +125,15 @@ inline void load_v(Args<T> const& a, std::int64_t row, int d0, int nd, Arr1<T>& 
   if (a.delta_bias) v += CMap1<T>(a.delta_bias + d0, nd);
 }
 
+/// softplus in place (v > 20: v). Like the forward (backend/cpu/selective_scan.hpp), every
+/// exp / log1p is evaluated on a stored array so that Eigen vectorises it; `e` is scratch.
 template <class T>
-inline void softplus_inplace(Args<T> const& a, Arr1<T>& v) {
-  if (a.delta_softplus) v = (v > T(20)).select(v, v.exp().log1p());
+inline void softplus_inplace(Args<T> const& a, Arr1<T>& v, Arr1<T>& e) {
+  if (!a.delta_softplus) return;
+  e = v.min(T(20));
+  e = e.exp();
+  e = e.log1p();
+  v = (v > T(20)).select(v, e);
 }
 
 /// dy = dout * silu(z) (or dout) at `row`; also sig = sigmoid(z) and zsil = silu(z) when z is given.
@@ -136,7 +142,9 @@ inline void load_dy(Args<T> const& a, std::int64_t row, int d0, int nd, ChunkBuf
   CMap1<T> dout(a.dout + row * a.ld_dout + d0, nd);
   if (a.z) {
     CMap1<T> z(a.z + row * a.ld_z + d0, nd);
-    s.sig = T(1) / (T(1) + (-z).exp());
+    s.e = -z;
+    s.e = s.e.exp();
+    s.sig = T(1) / (T(1) + s.e);
     s.zsil = z * s.sig;
     s.dy = dout * s.zsil;
   } else {
@@ -159,10 +167,12 @@ void recompute_chunk(Args<T> const& a, int b, int d0, int nd, int t0, int t1, Ch
     std::size_t const i = static_cast<std::size_t>(t - t0);
     std::int64_t const row = static_cast<std::int64_t>(b) * a.length + t;
     load_v(a, row, d0, nd, s.v);
-    softplus_inplace(a, s.v);
+    softplus_inplace(a, s.v, s.e);
     Map1<T>(s.ds + i * kTile, nd) = s.v;
     Map2<T> at(s.as + i * s.slot, N, nd);
-    at = (A.rowwise() * s.v.transpose()).exp();
+    s.w = A.rowwise() * s.v.transpose();  // exp in an owned (always aligned) array, then
+    s.w = s.w.exp();                      // stored: the result never depends on where the
+    at = s.w;                             // workspace happens to be aligned
     s.dltu = s.v * CMap1<T>(a.u + row * a.ld_u + d0, nd);
     CMap1<T> Bt(a.B + row * a.ld_B, N);
     Map2<T>(s.hs + (i + 1) * s.slot, N, nd) =
@@ -226,7 +236,9 @@ void reverse_chunk(Args<T> const& a, int b, int d0, int nd, int t0, int t1, Chun
     if (out.dD_part) Map1<T>(out.dD_part, nd) += s.dy * u;
     if (a.delta_softplus) {  // d softplus(v)/dv = sigmoid(v); the threshold branch has slope 1
       load_v(a, row, d0, nd, s.v);
-      s.dd = (s.v > T(20)).select(s.dd, s.dd / (T(1) + (-s.v).exp()));
+      s.e = -s.v;
+      s.e = s.e.exp();
+      s.dd = (s.v > T(20)).select(s.dd, s.dd / (T(1) + s.e));
     }
     Map1<T>(a.ddelta + row * a.ld_ddelta + d0, nd) = s.dd;
     if (out.db_part) Map1<T>(out.db_part, nd) += s.dd;
@@ -247,10 +259,12 @@ void reverse_local(Args<T> const& a, int b, int d0, int nd, int t0, int t1, Chun
     std::int64_t const row = static_cast<std::int64_t>(b) * a.length + t;
     load_dy(a, row, d0, nd, s);
     load_v(a, row, d0, nd, s.v);
-    softplus_inplace(a, s.v);
+    softplus_inplace(a, s.v, s.e);
     if (dsum) Map1<T>(dsum, nd) += s.v;
     CMap1<T> Ct(a.C + row * a.ld_C, N);
-    q = (A.rowwise() * s.v.transpose()).exp() * (q + (Ct.matrix() * s.dy.matrix().transpose()).array());
+    s.w = A.rowwise() * s.v.transpose();
+    s.w = s.w.exp();
+    q = s.w * (q + (Ct.matrix() * s.dy.matrix().transpose()).array());
   }
 }
 
@@ -266,11 +280,13 @@ void forward_local(Args<T> const& a, int b, int d0, int nd, int t0, int t1, Chun
   for (int t = t0; t < t1; ++t) {
     std::int64_t const row = static_cast<std::int64_t>(b) * a.length + t;
     load_v(a, row, d0, nd, s.v);
-    softplus_inplace(a, s.v);
+    softplus_inplace(a, s.v, s.e);
     ds += s.v;
     s.dltu = s.v * CMap1<T>(a.u + row * a.ld_u + d0, nd);
     CMap1<T> Bt(a.B + row * a.ld_B, N);
-    h = (A.rowwise() * s.v.transpose()).exp() * h + (Bt.matrix() * s.dltu.matrix().transpose()).array();
+    s.w = A.rowwise() * s.v.transpose();
+    s.w = s.w.exp();
+    h = s.w * h + (Bt.matrix() * s.dltu.matrix().transpose()).array();
   }
 }
 
