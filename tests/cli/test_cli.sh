@@ -95,6 +95,14 @@ expect "train --resume without a run" nonzero 'no checkpoint' -- "$bin" train "$
 expect "train into a file" nonzero 'cannot create output directory|not writable' -- "$bin" train --data "$tmp/small.txt" --out "$tmp/small.txt/x"
 expect "train nonsense flag" nonzero 'seq-len' -- "$bin" train --data "$tmp/small.txt" --out "$tmp/run5" --seq-len 0
 
+# --time-limit: stops cleanly, saves, and scores the final weights
+rm -rf "$tmp/runtl"
+out=$("$bin" train --data "$tmp/small.txt" --out "$tmp/runtl" --seq-len 32 --batch 2 --d-model 16 --n-layer 1 --d-state 4 --eval-bytes 300 --threads 2 --no-progress --time-limit 2 --eval-every 0 2>/dev/null | tail -n 1)
+final=$(sed -E 's/.*"step":([0-9]+).*/\1/' <<<"$out")
+last_eval=$(grep '"type":"eval"' "$tmp/runtl/log.jsonl" | tail -n 1 | sed -E 's/.*"step":([0-9]+).*/\1/')
+[[ $out == *'"stop":"time limit"'* && -n $final && $final == "$last_eval" && -L "$tmp/runtl/latest" ]] \
+  && pass "--time-limit stops, saves and evaluates the final step ($final)" || bad "--time-limit: $out / last eval $last_eval"
+
 # Ctrl-C saves a checkpoint and exits 130
 rm -rf "$tmp/runint"
 "$bin" train "${targs[@]/$tmp\/run/$tmp/runint}" --steps 100000 >"$tmp/int.out" 2>&1 &

@@ -237,7 +237,10 @@ class Trainer {
         dirty = false;
       }
     }
-    if (step() >= opt_.steps && (dirty || evals_.empty() || evals_.back().step != step())) evaluate(cb);
+    // the final score belongs to the final weights (also when the time limit ended the run;
+    // an interrupted run skips it: Ctrl-C should not wait for an evaluation)
+    bool const final_eval = step() >= opt_.steps || reason == StopReason::kTimeLimit;
+    if (final_eval && (evals_.empty() || evals_.back().step != step())) evaluate(cb);
     if (dirty || !std::filesystem::exists(out_ / "latest")) checkpoint(cb);
     return reason;
   }
