@@ -2,7 +2,10 @@
 // (docs/cuda.md), timed with CUDA events: median of --reps runs after warm-ups. Prints a table
 // with the two floors (HBM bytes at 4.8 TB/s, exponentials at the SFU rate) and the ratio to
 // mamba_ssm 2.3.2's fp32 forward on one H200 (REFERENCE.md section 0).
-//   bench_cuda_scan [--quick] [--reps R] [--shape I] [--policy NAME]
+//   bench_cuda_scan [--quick] [--reps R] [--shape I] [--policy NAME] [--backward]
+// --backward: time SelectiveScanBackward<Cuda, float, Sequential> instead (same inputs plus
+// dout; writes du, ddelta, dz, dB, dC into x_proj-shaped rows; dA, dD, ddelta_bias accumulated),
+// against mamba_ssm 2.3.2's fp32 backward (REFERENCE.md section 0).
 // --shape I: only the I-th shape (0-based); --policy NAME: only policies whose name starts
 // with NAME (e.g. "chunked<2048>", "seq"); both for profiling one kernel under ncu.
 // --quick: tiny shapes, 2 reps (keeps the program from rotting; ctest label `cuda`).
@@ -109,6 +112,58 @@ double time_policy(ssm::SelectiveScanArguments<float> const& a, int warmups, int
   return reps % 2 ? ms[reps / 2] : 0.5 * (ms[reps / 2 - 1] + ms[reps / 2]);
 }
 
+/// Backward: gradient buffers for the forward arguments of `buf`, timed like time_policy.
+struct BwdBuffers {
+  DeviceBuffer<float> dout, du, ddelta, dz, dxproj, dA, dD, dbias;
+  ssm::SelectiveScanBackwardArguments<float> a;
+  BwdBuffers(Shape const& s, ssm::SelectiveScanArguments<float> const& f) {
+    std::size_t const rows = std::size_t(s.B) * s.L, x = rows * s.D;
+    int const dt_rank = 64, ldx = dt_rank + 2 * s.N;
+    dout = DeviceBuffer<float>(x); du = DeviceBuffer<float>(x); ddelta = DeviceBuffer<float>(x);
+    dz = DeviceBuffer<float>(x); dxproj = DeviceBuffer<float>(rows * ldx);
+    dA = DeviceBuffer<float>(std::size_t(s.D) * s.N); dD = DeviceBuffer<float>(s.D);
+    dbias = DeviceBuffer<float>(s.D);
+    fill(dout.data(), x, 11, -1, 1);
+    fill(dA.data(), dA.size(), 12, 0, 0);
+    fill(dD.data(), s.D, 13, 0, 0);
+    fill(dbias.data(), s.D, 14, 0, 0);
+    a = ssm::SelectiveScanBackwardArguments<float>::from_forward(f);
+    a.dout = dout.data(); a.ld_dout = s.D;
+    a.du = du.data(); a.ld_du = s.D;
+    a.ddelta = ddelta.data(); a.ld_ddelta = s.D;
+    a.dz = dz.data(); a.ld_dz = s.D;
+    a.dB = dxproj.data() + dt_rank; a.ld_dB = ldx;
+    a.dC = dxproj.data() + dt_rank + s.N; a.ld_dC = ldx;
+    a.dA = dA.data(); a.dD = dD.data(); a.ddelta_bias = dbias.data();
+  }
+};
+
+template <class P>
+double time_backward(ssm::SelectiveScanBackwardArguments<float> const& a, int warmups, int reps,
+                     std::size_t* ws_bytes) {
+  Cuda const be{};
+  using Op = ssm::SelectiveScanBackward<Cuda, float, P>;
+  *ws_bytes = Op::workspace_bytes(a, be);
+  DeviceBuffer<std::byte> ws(*ws_bytes);
+  cudaEvent_t e0, e1;
+  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&e0));
+  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&e1));
+  for (int i = 0; i < warmups; ++i) Op::run(a, ws.data(), be);
+  MAMBABYTE_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> ms(reps);
+  for (int i = 0; i < reps; ++i) {
+    MAMBABYTE_CUDA_CHECK(cudaEventRecord(e0, be.stream));
+    Op::run(a, ws.data(), be);
+    MAMBABYTE_CUDA_CHECK(cudaEventRecord(e1, be.stream));
+    MAMBABYTE_CUDA_CHECK(cudaEventSynchronize(e1));
+    MAMBABYTE_CUDA_CHECK(cudaEventElapsedTime(&ms[i], e0, e1));
+  }
+  MAMBABYTE_CUDA_CHECK(cudaEventDestroy(e0));
+  MAMBABYTE_CUDA_CHECK(cudaEventDestroy(e1));
+  std::sort(ms.begin(), ms.end());
+  return reps % 2 ? ms[reps / 2] : 0.5 * (ms[reps / 2 - 1] + ms[reps / 2]);
+}
+
 double copy_bandwidth_tbs() {
   std::size_t const n = std::size_t(1) << 30;  // 1 GiB each way
   DeviceBuffer<char> src(n), dst(n);
@@ -131,11 +186,12 @@ double copy_bandwidth_tbs() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
+  bool quick = false, backward = false;
   int reps = 20, only_shape = -1;
   std::string only_policy;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--backward")) backward = true;
     else if (!std::strcmp(argv[i], "--shape") && i + 1 < argc) only_shape = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--policy") && i + 1 < argc) only_policy = argv[++i];
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::max(1, std::atoi(argv[++i]));
@@ -157,6 +213,7 @@ int main(int argc, char** argv) {
     double const sfu_per_s = double(sms) * 16.0 * clock_khz * 1e3;  // MUFU.EX2: 16/clk/SM
     std::vector<Shape> shapes = {{8, 2048, 8192, 16, 4.911}, {1, 2048, 65536, 16, 5.624},
                                  {16, 1536, 2048, 16, 1.733}};
+    double const mamba_bwd_ms[3] = {10.9, 12.6, 4.0};
     int warmups = 3;
     if (reps <= 1) warmups = 0;
     if (quick) {
@@ -173,6 +230,41 @@ int main(int argc, char** argv) {
       if (only_shape >= 0 && static_cast<std::size_t>(only_shape) != si) continue;
       Shape const& s = shapes[si];
       Buffers buf(s);
+      auto want = [&](char const* name) {
+        return only_policy.empty() || std::string(name).rfind(only_policy, 0) == 0;
+      };
+      if (backward) {
+        // Floors: HBM = u, delta, z, dout read, du, ddelta, dz written, B, C read and dB, dC
+        // written once per (b, t), at 4.8 TB/s; exponentials: one per (b, t, d, n) at the SFU
+        // rate (this implementation does 3: checkpoint pass, recompute, reverse sweep).
+        BwdBuffers g(s, buf.a);
+        double const bytes = 7.0 * s.B * double(s.L) * s.D * 4 + 4.0 * s.B * double(s.L) * s.N * 4;
+        double const t_mem = bytes / 4.8e12 * 1e3;
+        double const t_exp = double(s.B) * s.L * s.D * s.N / sfu_per_s * 1e3;
+        double const mb = quick ? 0.0 : mamba_bwd_ms[si];
+        auto brow = [&](auto policy, char const* name) {
+          using P = decltype(policy);
+          if (!want(name)) return;
+          std::size_t ws = 0;
+          double const ms = time_backward<P>(g.a, warmups, reps, &ws);
+          std::printf("BWD (%d,%d,%d,%d) %-14s ms %8.3f floor_mem %.3f floor_exp %.3f x_floor %6.2f "
+                      "mamba_ssm_bwd %.3f speedup %.2f workspace_MB %.1f\n",
+                      s.B, s.D, s.L, s.N, name, ms, t_mem, t_exp, ms / std::max(t_mem, t_exp), mb,
+                      mb > 0 ? mb / ms : 0.0, ws / 1e6);
+        };
+        brow(scan::Sequential{}, "sequential");
+        brow(scan::Chunked<512>{}, "chunked<512>");
+        brow(scan::Chunked<1024>{}, "chunked<1024>");
+        brow(scan::Chunked<2048>{}, "chunked<2048>");
+        brow(scan::Chunked<4096>{}, "chunked<4096>");
+        brow(scan::Chunked<8192>{}, "chunked<8192>");
+        if (want("auto")) {
+          int const sc = ssm::resolve_auto_cuda_backward(s.B, s.L, s.D, sms);
+          std::string const name = "auto(" + (sc ? std::to_string(sc * 8) : std::string("seq")) + ")";
+          brow(scan::Auto{}, name.c_str());
+        }
+        continue;
+      }
       double const bytes = 4.0 * s.B * double(s.L) * s.D * 4 + 2.0 * s.B * double(s.L) * s.N * 4;
       double const t_mem = bytes / 4.8e12 * 1e3;
       double const exps = double(s.B) * s.L * s.D * s.N;
@@ -184,9 +276,6 @@ int main(int argc, char** argv) {
         std::printf("%-22s %-16s %9.3f %9.0f %9.3f %9.3f %8.2f %9.3f %8.2f\n", shape, name, ms,
                     bytes / (ms * 1e-3) / 1e9, t_mem, t_exp, ms / floor, s.mamba_fwd_ms,
                     s.mamba_fwd_ms > 0 ? s.mamba_fwd_ms / ms : 0.0);
-      };
-      auto want = [&](char const* name) {
-        return only_policy.empty() || std::string(name).rfind(only_policy, 0) == 0;
       };
       auto bench = [&](auto policy, char const* name) {
         using P = decltype(policy);
