@@ -7,7 +7,8 @@
 //   mambabyte ngram    --data FILE [--val-fraction F] [--order N]   (the baseline)
 //   mambabyte train    --data FILE --out DIR [--steps N | --time-limit S] [--resume] ...
 //
-// Every command takes --threads N and --dtype float|double. Errors are one clear line on stderr
+// Every command takes --threads N and --dtype float|double; eval, generate and train take --device
+// auto|cpu|cuda[:N] and --precision bf16|fp32 (auto uses the GPU when there is one). Errors are one clear line on stderr
 // and a non-zero exit status (CLI11's code for bad usage, 1 for everything else).
 #include <cstdio>
 #include <exception>
@@ -30,6 +31,13 @@ void add_model_options(CLI::App* cmd, mbcli::ModelOptions& m) {
   cmd->add_option("--dtype", m.dtype, "compute dtype")->check(CLI::IsMember({"float", "double"}));
 }
 
+void add_device_options(CLI::App* cmd, std::string& device, std::string& precision) {
+  cmd->add_option("--device", device,
+                  "auto (a GPU when the program has the CUDA backend and one is present), cpu, cuda or cuda:N");
+  cmd->add_option("--precision", precision, "on a GPU: bf16 (mixed precision: bf16 compute, fp32 master weights, "
+                  "state and accumulators) or fp32")->check(CLI::IsMember({"bf16", "fp32"}));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -40,6 +48,7 @@ int main(int argc, char** argv) {
   mbcli::EvalCliOptions eval;
   auto* e = app.add_subcommand("eval", "bits per byte of a file under a model (state carried across the whole file)");
   add_model_options(e, eval.model);
+  add_device_options(e, eval.model.device, eval.model.precision);
   e->add_option("--data,-d", eval.data, "text file to score")->required();
   e->add_option("--max-bytes", eval.max_bytes, "score only the first N bytes");
   e->add_option("--chunk", eval.chunk, "bytes per forward pass (memory vs speed)")->check(CLI::PositiveNumber);
@@ -53,6 +62,7 @@ int main(int argc, char** argv) {
   mbcli::GenerateCliOptions gen;
   auto* g = app.add_subcommand("generate", "sample text after a prompt, streamed");
   add_model_options(g, gen.model);
+  add_device_options(g, gen.model.device, gen.model.precision);
   g->add_option("--prompt,-p", gen.prompt, "prompt text (raw bytes; at least one)")->required();
   g->add_option("-n,--bytes", gen.n, "bytes to generate per sample")->check(CLI::Range(0, 1 << 30));
   g->add_option("--temperature", gen.sampling.temperature, "0 = greedy")->check(CLI::Range(0.0, 1000.0));
@@ -64,7 +74,7 @@ int main(int argc, char** argv) {
   g->add_flag("!--no-echo", gen.echo_prompt, "do not print the prompt before the sample");
 
   mbcli::TrainCliOptions train;
-  auto* tr = app.add_subcommand("train", "train a MambaByte model on a byte corpus (CPU)");
+  auto* tr = app.add_subcommand("train", "train a MambaByte model on a byte corpus (CPU or GPU)");
   tr->add_option("--data,-d", train.data, "training text (any bytes)")->required();
   tr->add_option("--val-data", train.val_data, "validation text (default: the last --val-fraction of --data)");
   tr->add_option("--val-fraction", train.val_fraction, "validation share of --data when there is no --val-data")
@@ -88,7 +98,8 @@ int main(int argc, char** argv) {
   tr->add_option("--eval-bytes", train.eval_bytes, "validation bytes to score (default: all)");
   tr->add_flag("--resume", train.resume, "continue the run in --out from its latest checkpoint (bit-exact)");
   tr->add_flag("!--no-progress", train.progress, "plain log lines instead of a progress bar");
-  tr->add_option("--dtype", train.dtype, "training dtype")->check(CLI::IsMember({"float", "double"}));
+  tr->add_option("--dtype", train.dtype, "training dtype on the CPU")->check(CLI::IsMember({"float", "double"}));
+  add_device_options(tr, train.device, train.precision);
   (void)steps;
 
   mbcli::NgramCliOptions ngram;

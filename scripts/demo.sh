@@ -27,11 +27,18 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/deps.sh
 install_deps demo.sh
 
+# The GPU when there is one (and nvcc to build for it): the CUDA backend, bf16 mixed precision.
+[[ -d /usr/local/cuda/bin ]] && export PATH="/usr/local/cuda/bin:$PATH"
+gpu=OFF
+if command -v nvcc >/dev/null 2>&1 && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
+  gpu=ON
+fi
 build=build-demo
 generator=()
 [[ ! -f $build/CMakeCache.txt ]] && command -v ninja >/dev/null && generator=(-G Ninja)
 cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DMAMBABYTE_BUILD_TESTS=OFF \
-  -DMAMBABYTE_BUILD_EXAMPLES=ON -DMAMBABYTE_BUILD_BENCH=OFF -DMAMBABYTE_WITH_CUDA=OFF >/dev/null
+  -DMAMBABYTE_BUILD_EXAMPLES=ON -DMAMBABYTE_BUILD_BENCH=OFF -DMAMBABYTE_WITH_CUDA=$gpu \
+  -DMAMBABYTE_CUDA_ARCHITECTURES=native >/dev/null
 cmake --build "$build" -j "$(nproc)" --target mambabyte_cli
 bin=$build/bin/mambabyte
 data=data/tinyshakespeare.txt
@@ -43,9 +50,20 @@ if [[ -e $out ]]; then
 fi
 echo
 mkdir -p "$(dirname "$out")"
-echo "== training a small MambaByte on $data for $minutes minute(s) (CPU, $(nproc) cores) =="
+if [[ $gpu == ON ]]; then
+  # a GPU affords a wider, deeper model; a fixed schedule that finishes well inside the time
+  # limit and sees the 1 MB of training text ~3 times (measured on an H200: 3000 steps of
+  # 32 x 256 bytes memorise it, validation rising from 2.24 bits/byte at step 500 to 5.5)
+  where="GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1), bf16 mixed precision"
+  model_args=(--device cuda --precision bf16 --d-model 256 --n-layer 6 --batch 16 --seq-len 256 --steps 800
+              --eval-every 200)
+else
+  where="CPU, $(nproc) cores"
+  model_args=(--device cpu)
+fi
+echo "== training a small MambaByte on $data for up to $minutes minute(s) ($where) =="
 "$bin" train --data "$data" --val-fraction 0.1 --out "$out" --time-limit "$seconds" --threads "$threads" \
-  | tee "$out.result.json"
+  "${model_args[@]}" | tee "$out.result.json"
 result=$(tail -n 1 "$out.result.json")
 mv "$out.result.json" "$out/result.json"
 
@@ -61,7 +79,8 @@ steps=$(sed -E 's/.*"step":([0-9]+).*/\1/' <<<"$result")
 
 echo
 echo "== sample (temperature 0.8, top-p 0.95) =="
-"$bin" generate --model "$out" --prompt $'ROMEO:\n' -n 500 --temperature 0.8 --top-p 0.95 --seed 1 --threads "$threads"
+"$bin" generate --model "$out" --prompt $'ROMEO:\n' -n 500 --temperature 0.8 --top-p 0.95 --seed 1 --threads "$threads" \
+  --device "$([[ $gpu == ON ]] && echo cuda || echo cpu)"
 
 echo
 printf '== result ==\nMambaByte after %s steps: %.4f validation bits per byte\nbest byte n-gram (order %s): %.4f bits per byte\n' \

@@ -3,21 +3,34 @@
 // with the two floors (HBM bytes at 4.8 TB/s, exponentials at the SFU rate) and the ratio to
 // mamba_ssm 2.3.2's fp32 forward on one H200 (REFERENCE.md section 0).
 //   bench_cuda_scan [--quick] [--reps R] [--shape I] [--policy NAME] [--backward]
+//                   [--bf16 | --dtype bf16|fp32] [--step]
 // --backward: time SelectiveScanBackward<Cuda, float, Sequential> instead (same inputs plus
 // dout; writes du, ddelta, dz, dB, dC into x_proj-shaped rows; dA, dD, ddelta_bias accumulated),
 // against mamba_ssm 2.3.2's fp32 backward (REFERENCE.md section 0).
 // --shape I: only the I-th shape (0-based); --policy NAME: only policies whose name starts
 // with NAME (e.g. "chunked<2048>", "seq"); both for profiling one kernel under ncu.
 // --quick: tiny shapes, 2 reps (keeps the program from rotting; ctest label `cuda`).
+// --bf16 (or --dtype bf16): the bf16-storage operators (SelectiveScan[Backward]<Cuda,
+// __nv_bfloat16, P>: u, delta, z, B, C, out and the activation gradients in bf16; A, D, bias,
+// states and parameter gradients float), floors from the bf16 byte counts, ratios against
+// mamba_ssm 2.3.2's bf16 figures (REFERENCE.md section 0).
+// --step: the decode step backend::cuda::selective_state_update<T> (T from --dtype) at batch 1
+// and 64, d_inner 2048, d_state 16: microseconds per call, launched one by one on a stream and
+// replayed from a CUDA graph of 100 calls, against the bytes-moved floor (state read + written,
+// A, D, bias, u, delta, z, B, C read, out written, at 4.8 TB/s); mamba_ssm's Triton
+// selective_state_update measured 1.5 us in a graph at batch 1 (REFERENCE.md section 0).
 // Inputs are random (a counter hash on the device), never zeros; B and C sit inside x_proj
 // rows (ld = dt_rank + 2N, dt_rank 64) as the model passes them.
 #include <mambabyte/cuda.hpp>
+
+#include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -26,14 +39,18 @@ using mambabyte::backend::Cuda;
 using mambabyte::backend::cuda::DeviceBuffer;
 namespace ssm = mambabyte::ssm;
 namespace scan = mambabyte::scan;
+using bf = __nv_bfloat16;
 
-__global__ void fill_uniform(float* p, std::size_t n, std::uint64_t seed, float lo, float hi) {
+template <class T>
+__global__ void fill_uniform(T* p, std::size_t n, std::uint64_t seed, float lo, float hi) {
   std::size_t const stride = std::size_t(blockDim.x) * gridDim.x;
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     std::uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
     x ^= x >> 31; x *= 0xBF58476D1CE4E5B9ull; x ^= x >> 27; x *= 0x94D049BB133111EBull; x ^= x >> 31;
     float const r = static_cast<float>(x >> 40) * (1.0f / 16777216.0f);
-    p[i] = lo + (hi - lo) * r;
+    float const v = lo + (hi - lo) * r;
+    if constexpr (std::is_same_v<T, float>) p[i] = v;
+    else p[i] = __float2bfloat16_rn(v);
   }
 }
 
@@ -42,23 +59,27 @@ __global__ void make_A(float* A, int d_inner, int N) {
   if (i < d_inner * N) A[i] = -static_cast<float>(i % N + 1);  // S4D-real init
 }
 
-void fill(float* p, std::size_t n, std::uint64_t seed, float lo, float hi) {
-  fill_uniform<<<1024, 256>>>(p, n, seed, lo, hi);
+template <class T>
+void fill(T* p, std::size_t n, std::uint64_t seed, float lo, float hi) {
+  fill_uniform<T><<<1024, 256>>>(p, n, seed, lo, hi);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
 }
 
 struct Shape { int B, D, L, N; double mamba_fwd_ms; };
 
+/// T: activation storage (float or bf16); the operators' Arguments for T.
+template <class T>
 struct Buffers {
-  DeviceBuffer<float> u, delta, z, out, xproj, bias, A, Dv, hT;
-  ssm::SelectiveScanArguments<float> a;
+  DeviceBuffer<T> u, delta, z, out, xproj;
+  DeviceBuffer<float> bias, A, Dv, hT;
+  typename ssm::SelectiveScan<Cuda, T, scan::Sequential>::Arguments a{};
   explicit Buffers(Shape const& s) {
     std::size_t const rows = std::size_t(s.B) * s.L;
     std::size_t const x = rows * s.D;
     int const dt_rank = 64;
     int const ldx = dt_rank + 2 * s.N;
-    u = DeviceBuffer<float>(x); delta = DeviceBuffer<float>(x); z = DeviceBuffer<float>(x);
-    out = DeviceBuffer<float>(x); xproj = DeviceBuffer<float>(rows * ldx);
+    u = DeviceBuffer<T>(x); delta = DeviceBuffer<T>(x); z = DeviceBuffer<T>(x);
+    out = DeviceBuffer<T>(x); xproj = DeviceBuffer<T>(rows * ldx);
     bias = DeviceBuffer<float>(s.D); A = DeviceBuffer<float>(std::size_t(s.D) * s.N);
     Dv = DeviceBuffer<float>(s.D); hT = DeviceBuffer<float>(std::size_t(s.B) * s.D * s.N);
     fill(u.data(), x, 1, -1, 1);
@@ -84,11 +105,10 @@ struct Buffers {
   }
 };
 
-template <class P>
-double time_policy(ssm::SelectiveScanArguments<float> const& a, int warmups, int reps,
-                   double* exps_factor) {
+template <class P, class T, class Args>
+double time_policy(Args const& a, int warmups, int reps, double* exps_factor) {
   Cuda const be{};
-  using Op = ssm::SelectiveScan<Cuda, float, P>;
+  using Op = ssm::SelectiveScan<Cuda, T, P>;
   DeviceBuffer<std::byte> ws(Op::workspace_bytes(a, be));
   cudaEvent_t e0, e1;
   MAMBABYTE_CUDA_CHECK(cudaEventCreate(&e0));
@@ -113,21 +133,25 @@ double time_policy(ssm::SelectiveScanArguments<float> const& a, int warmups, int
 }
 
 /// Backward: gradient buffers for the forward arguments of `buf`, timed like time_policy.
+template <class T>
 struct BwdBuffers {
-  DeviceBuffer<float> dout, du, ddelta, dz, dxproj, dA, dD, dbias;
-  ssm::SelectiveScanBackwardArguments<float> a;
-  BwdBuffers(Shape const& s, ssm::SelectiveScanArguments<float> const& f) {
+  using Args = typename ssm::SelectiveScanBackward<Cuda, T, scan::Sequential>::Arguments;
+  DeviceBuffer<T> dout, du, ddelta, dz, dxproj;
+  DeviceBuffer<float> dA, dD, dbias;
+  Args a{};
+  template <class FwdArgs>
+  BwdBuffers(Shape const& s, FwdArgs const& f) {
     std::size_t const rows = std::size_t(s.B) * s.L, x = rows * s.D;
     int const dt_rank = 64, ldx = dt_rank + 2 * s.N;
-    dout = DeviceBuffer<float>(x); du = DeviceBuffer<float>(x); ddelta = DeviceBuffer<float>(x);
-    dz = DeviceBuffer<float>(x); dxproj = DeviceBuffer<float>(rows * ldx);
+    dout = DeviceBuffer<T>(x); du = DeviceBuffer<T>(x); ddelta = DeviceBuffer<T>(x);
+    dz = DeviceBuffer<T>(x); dxproj = DeviceBuffer<T>(rows * ldx);
     dA = DeviceBuffer<float>(std::size_t(s.D) * s.N); dD = DeviceBuffer<float>(s.D);
     dbias = DeviceBuffer<float>(s.D);
     fill(dout.data(), x, 11, -1, 1);
     fill(dA.data(), dA.size(), 12, 0, 0);
     fill(dD.data(), s.D, 13, 0, 0);
     fill(dbias.data(), s.D, 14, 0, 0);
-    a = ssm::SelectiveScanBackwardArguments<float>::from_forward(f);
+    a = Args::from_forward(f);
     a.dout = dout.data(); a.ld_dout = s.D;
     a.du = du.data(); a.ld_du = s.D;
     a.ddelta = ddelta.data(); a.ld_ddelta = s.D;
@@ -138,11 +162,10 @@ struct BwdBuffers {
   }
 };
 
-template <class P>
-double time_backward(ssm::SelectiveScanBackwardArguments<float> const& a, int warmups, int reps,
-                     std::size_t* ws_bytes) {
+template <class P, class T, class Args>
+double time_backward(Args const& a, int warmups, int reps, std::size_t* ws_bytes) {
   Cuda const be{};
-  using Op = ssm::SelectiveScanBackward<Cuda, float, P>;
+  using Op = ssm::SelectiveScanBackward<Cuda, T, P>;
   *ws_bytes = Op::workspace_bytes(a, be);
   DeviceBuffer<std::byte> ws(*ws_bytes);
   cudaEvent_t e0, e1;
@@ -183,15 +206,191 @@ double copy_bandwidth_tbs() {
   return 2.0 * n / (ms[5] * 1e-3) / 1e12;
 }
 
+/// Decode step: microseconds per selective_state_update<T> call at batch B, d_inner D, d_state N
+/// (one token per sequence; u, delta, z rows of D, B / C inside x_proj rows).
+template <class T>
+void bench_step(int B, int D, int N, int reps, bool quick) {
+  int const dt_rank = 64, ldx = dt_rank + 2 * N;
+  DeviceBuffer<T> u(std::size_t(B) * D), delta(std::size_t(B) * D), z(std::size_t(B) * D),
+      out(std::size_t(B) * D), xproj(std::size_t(B) * ldx);
+  DeviceBuffer<float> state(std::size_t(B) * D * N), A(std::size_t(D) * N), Dv(D), bias(D);
+  fill(u.data(), u.size(), 21, -1, 1);
+  fill(delta.data(), delta.size(), 22, -3, 1);
+  fill(z.data(), z.size(), 23, -2, 2);
+  fill(xproj.data(), xproj.size(), 24, -1, 1);
+  fill(state.data(), state.size(), 25, -1, 1);
+  fill(bias.data(), bias.size(), 26, -4, -2);
+  fill(Dv.data(), Dv.size(), 27, 0.9f, 1.1f);
+  make_A<<<(D * N + 255) / 256, 256>>>(A.data(), D, N);
+  MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+  cudaStream_t stream = nullptr;
+  MAMBABYTE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  Cuda const be{stream, 0};
+  auto call = [&] {
+    mambabyte::backend::cuda::selective_state_update<T>(
+        be, B, D, N, state.data(), u.data(), D, delta.data(), D, bias.data(), true, A.data(),
+        xproj.data() + dt_rank, ldx, xproj.data() + dt_rank + N, ldx, Dv.data(), z.data(), D, out.data(), D);
+  };
+  int const calls = quick ? 10 : 100;  // per timed sample
+  cudaEvent_t e0, e1;
+  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&e0));
+  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&e1));
+  auto median_us = [&](auto&& body) {
+    for (int w = 0; w < 3; ++w) body();
+    MAMBABYTE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    std::vector<float> ms(reps);
+    for (int i = 0; i < reps; ++i) {
+      MAMBABYTE_CUDA_CHECK(cudaEventRecord(e0, stream));
+      body();
+      MAMBABYTE_CUDA_CHECK(cudaEventRecord(e1, stream));
+      MAMBABYTE_CUDA_CHECK(cudaEventSynchronize(e1));
+      MAMBABYTE_CUDA_CHECK(cudaEventElapsedTime(&ms[i], e0, e1));
+    }
+    std::sort(ms.begin(), ms.end());
+    double const m = reps % 2 ? ms[reps / 2] : 0.5 * (ms[reps / 2 - 1] + ms[reps / 2]);
+    return m * 1e3 / calls;
+  };
+  // Launched one by one (includes the launch rate of the host thread).
+  double const us_stream = median_us([&] { for (int i = 0; i < calls; ++i) call(); });
+  // The same calls captured once into a graph and replayed.
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  MAMBABYTE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  for (int i = 0; i < calls; ++i) call();
+  MAMBABYTE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  MAMBABYTE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  double const us_graph = median_us([&] { MAMBABYTE_CUDA_CHECK(cudaGraphLaunch(exec, stream)); });
+  MAMBABYTE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MAMBABYTE_CUDA_CHECK(cudaGraphDestroy(graph));
+  MAMBABYTE_CUDA_CHECK(cudaEventDestroy(e0));
+  MAMBABYTE_CUDA_CHECK(cudaEventDestroy(e1));
+  MAMBABYTE_CUDA_CHECK(cudaStreamDestroy(stream));
+  double const bytes = 2.0 * B * D * N * 4                      // state read + written
+                       + double(D) * N * 4 + 2.0 * D * 4        // A, D, bias
+                       + 4.0 * B * D * sizeof(T)                // u, delta, z read, out written
+                       + 2.0 * B * N * sizeof(T);               // B, C read
+  double const floor_us = bytes / 4.8e12 * 1e6;
+  std::printf("STEP %-4s (B=%d,D=%d,N=%d) us/call stream %7.3f graph %7.3f floor_mem %6.3f "
+              "x_floor(graph) %6.1f MB %.3f%s\n",
+              std::is_same_v<T, float> ? "fp32" : "bf16", B, D, N, us_stream, us_graph, floor_us,
+              us_graph / floor_us, bytes / 1e6, B == 1 ? " mamba_ssm(triton, graph) 1.5 us" : "");
+}
+
+/// What the shape loop needs from main().
+struct Ctx {
+  std::vector<Shape> shapes;
+  std::vector<double> mamba_bwd_ms;
+  int warmups = 3, reps = 20, sms = 0, only_shape = -1;
+  double sfu_per_s = 0;
+  bool quick = false, backward = false;
+  std::string only_policy;
+};
+
+/// The forward or backward table for activation storage T (float or bf16).
+template <class T>
+void run_shapes(Ctx const& cx) {
+  constexpr double kAct = sizeof(T);  // bytes per activation element
+  char const* dtype = std::is_same_v<T, float> ? "fp32" : "bf16";
+  for (std::size_t si = 0; si < cx.shapes.size(); ++si) {
+    if (cx.only_shape >= 0 && static_cast<std::size_t>(cx.only_shape) != si) continue;
+    Shape const& s = cx.shapes[si];
+    Buffers<T> buf(s);
+    auto want = [&](char const* name) {
+      return cx.only_policy.empty() || std::string(name).rfind(cx.only_policy, 0) == 0;
+    };
+    if (cx.backward) {
+      // Floors: HBM = u, delta, z, dout read, du, ddelta, dz written, B, C read and dB, dC
+      // written once per (b, t), at 4.8 TB/s (activations of sizeof(T) bytes); exponentials:
+      // one per (b, t, d, n) at the SFU rate (this implementation does 3 with one segment:
+      // checkpoint pass, recompute, reverse sweep; 4 with segments: + the local adjoint).
+      BwdBuffers<T> g(s, buf.a);
+      double const bytes = 7.0 * s.B * double(s.L) * s.D * kAct + 4.0 * s.B * double(s.L) * s.N * kAct;
+      double const t_mem = bytes / 4.8e12 * 1e3;
+      double const t_exp = double(s.B) * s.L * s.D * s.N / cx.sfu_per_s * 1e3;
+      double const mb = cx.quick ? 0.0 : cx.mamba_bwd_ms[si];
+      auto brow = [&](auto policy, char const* name) {
+        using P = decltype(policy);
+        if (!want(name)) return;
+        std::size_t ws = 0;
+        double const ms = time_backward<P, T>(g.a, cx.warmups, cx.reps, &ws);
+        std::printf("BWD %s (%d,%d,%d,%d) %-14s ms %8.3f floor_mem %.3f floor_exp %.3f x_floor %6.2f "
+                    "mamba_ssm_bwd %.3f speedup %.2f workspace_MB %.1f\n",
+                    dtype, s.B, s.D, s.L, s.N, name, ms, t_mem, t_exp, ms / std::max(t_mem, t_exp), mb,
+                    mb > 0 ? mb / ms : 0.0, ws / 1e6);
+      };
+      brow(scan::Sequential{}, "sequential");
+      brow(scan::Chunked<256>{}, "chunked<256>");
+      brow(scan::Chunked<512>{}, "chunked<512>");
+      brow(scan::Chunked<1024>{}, "chunked<1024>");
+      brow(scan::Chunked<2048>{}, "chunked<2048>");
+      brow(scan::Chunked<4096>{}, "chunked<4096>");
+      brow(scan::Chunked<8192>{}, "chunked<8192>");
+      if (want("auto")) {
+        namespace sbd = mambabyte::backend::cuda::scan_bwd_detail;
+        int const sc = ssm::resolve_auto_cuda_backward(s.B, s.L, s.D, cx.sms,
+                                                       sbd::bwd_blocks_per_sm<T>(s.N, 0));
+        std::string const name =
+            "auto(" + (sc ? std::to_string(sc * sbd::kBwdChunk) : std::string("seq")) + ")";
+        brow(scan::Auto{}, name.c_str());
+      }
+      continue;
+    }
+    double const bytes = 4.0 * s.B * double(s.L) * s.D * kAct + 2.0 * s.B * double(s.L) * s.N * kAct;
+    double const t_mem = bytes / 4.8e12 * 1e3;
+    double const exps = double(s.B) * s.L * s.D * s.N;
+    auto row = [&](char const* name, double ms, double factor) {
+      double const t_exp = exps * factor / cx.sfu_per_s * 1e3;
+      double const floor = std::max(t_mem, t_exp);
+      char shape[64];
+      std::snprintf(shape, sizeof shape, "%s (%d,%d,%d,%d)", dtype, s.B, s.D, s.L, s.N);
+      std::printf("%-22s %-16s %9.3f %9.0f %9.3f %9.3f %8.2f %9.3f %8.2f\n", shape, name, ms,
+                  bytes / (ms * 1e-3) / 1e9, t_mem, t_exp, ms / floor, s.mamba_fwd_ms,
+                  s.mamba_fwd_ms > 0 ? s.mamba_fwd_ms / ms : 0.0);
+    };
+    auto bench = [&](auto policy, char const* name) {
+      using P = decltype(policy);
+      if (!want(name)) return;
+      double f = 1;
+      double const t = time_policy<P, T>(buf.a, cx.warmups, cx.reps, &f);
+      row(name, t, f);
+    };
+    bench(scan::Sequential{}, "sequential");
+    bench(scan::Chunked<256>{}, "chunked<256>");
+    bench(scan::Chunked<512>{}, "chunked<512>");
+    bench(scan::Chunked<1024>{}, "chunked<1024>");
+    bench(scan::Chunked<2048>{}, "chunked<2048>");
+    bench(scan::Chunked<4096>{}, "chunked<4096>");
+    if (want("auto")) {
+      Cuda const be{};
+      int const chunk = ssm::SelectiveScan<Cuda, T, scan::Auto>::choose(buf.a, be);
+      double f = 1;
+      double const t = time_policy<scan::Auto, T>(buf.a, cx.warmups, cx.reps, &f);
+      std::string const name = "auto(" + (chunk ? std::to_string(chunk) : std::string("seq")) + ")";
+      row(name.c_str(), t, f);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, backward = false;
+  bool quick = false, backward = false, bf16 = false, step = false;
   int reps = 20, only_shape = -1;
   std::string only_policy;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--backward")) backward = true;
+    else if (!std::strcmp(argv[i], "--bf16")) bf16 = true;
+    else if (!std::strcmp(argv[i], "--step")) step = true;
+    else if (!std::strcmp(argv[i], "--dtype") && i + 1 < argc) {
+      std::string const t = argv[++i];
+      if (t == "bf16") bf16 = true;
+      else if (t == "fp32" || t == "float") bf16 = false;
+      else {
+        std::printf("bench_cuda_scan: unknown --dtype %s (bf16 or fp32)\n", t.c_str());
+        return 2;
+      }
+    }
     else if (!std::strcmp(argv[i], "--shape") && i + 1 < argc) only_shape = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--policy") && i + 1 < argc) only_policy = argv[++i];
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::max(1, std::atoi(argv[++i]));
@@ -209,96 +408,45 @@ int main(int argc, char** argv) {
       (void)cudaGetLastError();
       clock_khz = 1980000;
     }
-    int const sms = prop.multiProcessorCount;
-    double const sfu_per_s = double(sms) * 16.0 * clock_khz * 1e3;  // MUFU.EX2: 16/clk/SM
-    std::vector<Shape> shapes = {{8, 2048, 8192, 16, 4.911}, {1, 2048, 65536, 16, 5.624},
-                                 {16, 1536, 2048, 16, 1.733}};
-    double const mamba_bwd_ms[3] = {10.9, 12.6, 4.0};
-    int warmups = 3;
-    if (reps <= 1) warmups = 0;
+    Ctx cx;
+    cx.sms = prop.multiProcessorCount;
+    cx.sfu_per_s = double(cx.sms) * 16.0 * clock_khz * 1e3;  // MUFU.EX2: 16/clk/SM
+    cx.quick = quick;
+    cx.backward = backward;
+    cx.only_shape = only_shape;
+    cx.only_policy = only_policy;
+    // mamba_ssm 2.3.2 on one H200 (REFERENCE.md section 0): fp32 and bf16 forward / backward ms.
+    if (bf16) {
+      cx.shapes = {{8, 2048, 8192, 16, 2.569}, {1, 2048, 65536, 16, 2.940}, {16, 1536, 2048, 16, 0.883}};
+      cx.mamba_bwd_ms = {9.375, 11.310, 3.496};
+    } else {
+      cx.shapes = {{8, 2048, 8192, 16, 4.911}, {1, 2048, 65536, 16, 5.624}, {16, 1536, 2048, 16, 1.733}};
+      cx.mamba_bwd_ms = {10.9, 12.6, 4.0};
+    }
+    cx.warmups = 3;
+    if (reps <= 1) cx.warmups = 0;
     if (quick) {
-      shapes = {{2, 256, 1024, 16, 0}, {1, 128, 4096, 16, 0}};
+      cx.shapes = {{2, 256, 1024, 16, 0}, {1, 128, 4096, 16, 0}};
       reps = 2;
-      warmups = 1;
+      cx.warmups = 1;
     }
-    double const copy_tbs = (quick || only_shape >= 0) ? 0.0 : copy_bandwidth_tbs();
-    std::printf("device %s, %d SMs, %.0f MHz; device copy %.2f TB/s (read+write); reps %d (median)\n",
-                prop.name, sms, clock_khz / 1e3, copy_tbs, reps);
-    std::printf("%-22s %-16s %9s %9s %9s %9s %8s %9s %8s\n", "shape (B,D,L,N)", "policy", "ms",
-                "GB/s", "floor_mem", "floor_exp", "x_floor", "mamba_ssm", "speedup");
-    for (std::size_t si = 0; si < shapes.size(); ++si) {
-      if (only_shape >= 0 && static_cast<std::size_t>(only_shape) != si) continue;
-      Shape const& s = shapes[si];
-      Buffers buf(s);
-      auto want = [&](char const* name) {
-        return only_policy.empty() || std::string(name).rfind(only_policy, 0) == 0;
-      };
-      if (backward) {
-        // Floors: HBM = u, delta, z, dout read, du, ddelta, dz written, B, C read and dB, dC
-        // written once per (b, t), at 4.8 TB/s; exponentials: one per (b, t, d, n) at the SFU
-        // rate (this implementation does 3: checkpoint pass, recompute, reverse sweep).
-        BwdBuffers g(s, buf.a);
-        double const bytes = 7.0 * s.B * double(s.L) * s.D * 4 + 4.0 * s.B * double(s.L) * s.N * 4;
-        double const t_mem = bytes / 4.8e12 * 1e3;
-        double const t_exp = double(s.B) * s.L * s.D * s.N / sfu_per_s * 1e3;
-        double const mb = quick ? 0.0 : mamba_bwd_ms[si];
-        auto brow = [&](auto policy, char const* name) {
-          using P = decltype(policy);
-          if (!want(name)) return;
-          std::size_t ws = 0;
-          double const ms = time_backward<P>(g.a, warmups, reps, &ws);
-          std::printf("BWD (%d,%d,%d,%d) %-14s ms %8.3f floor_mem %.3f floor_exp %.3f x_floor %6.2f "
-                      "mamba_ssm_bwd %.3f speedup %.2f workspace_MB %.1f\n",
-                      s.B, s.D, s.L, s.N, name, ms, t_mem, t_exp, ms / std::max(t_mem, t_exp), mb,
-                      mb > 0 ? mb / ms : 0.0, ws / 1e6);
-        };
-        brow(scan::Sequential{}, "sequential");
-        brow(scan::Chunked<512>{}, "chunked<512>");
-        brow(scan::Chunked<1024>{}, "chunked<1024>");
-        brow(scan::Chunked<2048>{}, "chunked<2048>");
-        brow(scan::Chunked<4096>{}, "chunked<4096>");
-        brow(scan::Chunked<8192>{}, "chunked<8192>");
-        if (want("auto")) {
-          int const sc = ssm::resolve_auto_cuda_backward(s.B, s.L, s.D, sms);
-          std::string const name = "auto(" + (sc ? std::to_string(sc * 8) : std::string("seq")) + ")";
-          brow(scan::Auto{}, name.c_str());
-        }
-        continue;
+    cx.reps = reps;
+    bool const copy = !(quick || only_shape >= 0 || step);
+    double const copy_tbs = copy ? copy_bandwidth_tbs() : 0.0;
+    std::printf("device %s, %d SMs, %.0f MHz; device copy %.2f TB/s (read+write); reps %d (median); %s\n",
+                prop.name, cx.sms, clock_khz / 1e3, copy_tbs, reps, bf16 ? "bf16 storage" : "fp32");
+    if (step) {
+      for (int B : {1, 64}) {
+        if (bf16) bench_step<bf>(B, 2048, 16, reps, quick);
+        else bench_step<float>(B, 2048, 16, reps, quick);
       }
-      double const bytes = 4.0 * s.B * double(s.L) * s.D * 4 + 2.0 * s.B * double(s.L) * s.N * 4;
-      double const t_mem = bytes / 4.8e12 * 1e3;
-      double const exps = double(s.B) * s.L * s.D * s.N;
-      auto row = [&](char const* name, double ms, double factor) {
-        double const t_exp = exps * factor / sfu_per_s * 1e3;
-        double const floor = std::max(t_mem, t_exp);
-        char shape[64];
-        std::snprintf(shape, sizeof shape, "(%d,%d,%d,%d)", s.B, s.D, s.L, s.N);
-        std::printf("%-22s %-16s %9.3f %9.0f %9.3f %9.3f %8.2f %9.3f %8.2f\n", shape, name, ms,
-                    bytes / (ms * 1e-3) / 1e9, t_mem, t_exp, ms / floor, s.mamba_fwd_ms,
-                    s.mamba_fwd_ms > 0 ? s.mamba_fwd_ms / ms : 0.0);
-      };
-      auto bench = [&](auto policy, char const* name) {
-        using P = decltype(policy);
-        if (!want(name)) return;
-        double f = 1;
-        double const t = time_policy<P>(buf.a, warmups, reps, &f);
-        row(name, t, f);
-      };
-      bench(scan::Sequential{}, "sequential");
-      bench(scan::Chunked<256>{}, "chunked<256>");
-      bench(scan::Chunked<512>{}, "chunked<512>");
-      bench(scan::Chunked<1024>{}, "chunked<1024>");
-      bench(scan::Chunked<2048>{}, "chunked<2048>");
-      bench(scan::Chunked<4096>{}, "chunked<4096>");
-      if (want("auto")) {
-        Cuda const be{};
-        int const chunk = ssm::SelectiveScan<Cuda, float, scan::Auto>::choose(buf.a, be);
-        double f = 1;
-        double const t = time_policy<scan::Auto>(buf.a, warmups, reps, &f);
-        std::string const name = "auto(" + (chunk ? std::to_string(chunk) : std::string("seq")) + ")";
-        row(name.c_str(), t, f);
-      }
+      return 0;
     }
+    if (!backward)
+      std::printf("%-22s %-16s %9s %9s %9s %9s %8s %9s %8s\n", "shape (B,D,L,N)", "policy", "ms",
+                  "GB/s", "floor_mem", "floor_exp", "x_floor", "mamba_ssm", "speedup");
+    if (bf16) run_shapes<bf>(cx);
+    else run_shapes<float>(cx);
   } catch (std::exception const& e) {
     std::printf("FAIL %s\n", e.what());
     return 1;

@@ -11,6 +11,8 @@
 
 #include <mambabyte/mambabyte.hpp>
 
+#include "cli/cuda_glue.hpp"
+
 namespace mbcli {
 
 using namespace mambabyte;
@@ -20,7 +22,43 @@ struct ModelOptions {
   std::string model_dir;
   std::string dtype = "float";  ///< compute dtype: float or double
   int threads = 0;              ///< 0 = all cores (OpenMP default)
+  std::string device = "auto";  ///< auto | cpu | cuda | cuda:N
+  std::string precision = "bf16";  ///< on a GPU: bf16 (mixed) or fp32
 };
+
+/// Where a command runs: the CPU, or CUDA device `index`.
+struct DeviceChoice {
+  bool cuda = false;
+  int index = 0;
+  std::string describe() const { return cuda ? "cuda:" + std::to_string(index) + " (" + cuda_device_name(index) + ")" : "cpu"; }
+};
+
+/// --device: "auto" is the first GPU when the program has the CUDA backend and a GPU is
+/// present, else the CPU; "cuda" / "cuda:N" insist on a GPU; --dtype double runs on the CPU
+/// only. --precision must be bf16 or fp32.
+inline DeviceChoice resolve_device(std::string const& flag, std::string const& dtype, std::string const& precision) {
+  require(precision == "bf16" || precision == "fp32", "--precision must be bf16 or fp32, got \"", precision, "\"");
+  DeviceChoice d;
+  if (flag == "cpu") return d;
+  if (flag == "auto") {
+    d.cuda = dtype != "double" && cuda_compiled() && cuda_device_count() > 0;
+    return d;
+  }
+  require(flag.rfind("cuda", 0) == 0, "--device must be auto, cpu, cuda or cuda:N, got \"", flag, "\"");
+  std::string const rest = flag.substr(4);
+  if (!rest.empty()) {
+    require(rest[0] == ':' && rest.size() > 1 && rest.find_first_not_of("0123456789", 1) == std::string::npos,
+            "--device must be auto, cpu, cuda or cuda:N, got \"", flag, "\"");
+    d.index = std::stoi(rest.substr(1));
+  }
+  require(cuda_compiled(), "--device ", flag, ": this mambabyte was built without the CUDA backend (configure with "
+          "-DMAMBABYTE_WITH_CUDA=ON) ");
+  int const n = cuda_device_count();
+  require(d.index < n, "--device ", flag, ": this machine has ", n, " CUDA device", n == 1 ? "" : "s");
+  require(dtype != "double", "--dtype double runs on the CPU only (the GPU computes in fp32 or bf16): use --device cpu");
+  d.cuda = true;
+  return d;
+}
 
 inline backend::Cpu make_backend(ModelOptions const& o) {
   require(o.threads >= 0, "--threads must be >= 0 (0 = all cores), got ", o.threads);

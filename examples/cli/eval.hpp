@@ -33,7 +33,8 @@ inline int run_eval(EvalCliOptions const& o) {
           " byte(s): at least 2 are needed (the first byte is only context)");
   std::span<std::uint8_t const> data(reinterpret_cast<std::uint8_t const*>(bytes.data()), bytes.size());
   if (o.max_bytes > 0 && static_cast<std::size_t>(o.max_bytes) < data.size()) data = data.first(static_cast<std::size_t>(o.max_bytes));
-  with_model(o.model, [&](auto& m, CheckpointInfo const&) {
+  DeviceChoice const dev = resolve_device(o.model.device, o.model.dtype, o.model.precision);
+  auto report = [&](auto&& evaluate) {
     auto score = [&](std::span<std::uint8_t const> text, std::string const& label) {
       EvalOptions eo;
       eo.chunk = o.chunk;
@@ -43,7 +44,7 @@ inline int run_eval(EvalCliOptions const& o) {
           std::fprintf(stderr, "\r  %s: %lld / %lld bytes (%.0f%%)", label.c_str(), static_cast<long long>(done),
                        static_cast<long long>(total), total > 0 ? 100.0 * double(done) / double(total) : 100.0);
         };
-      EvalResult const r = evaluate_bits_per_byte(m, text, eo);
+      EvalResult const r = evaluate(text, eo);
       if (bar) std::fprintf(stderr, "\r\033[K");
       return r;
     };
@@ -54,7 +55,8 @@ inline int run_eval(EvalCliOptions const& o) {
     nlohmann::json j = {{"bits_per_byte", r.bits_per_byte}, {"bytes", r.bytes_predicted},
                         {"seconds", r.seconds},             {"bytes_per_second", r.bytes_per_second},
                         {"nll_nats", r.nll_nats_sum},       {"model", o.model.model_dir},
-                        {"data", o.data},                   {"dtype", o.model.dtype}};
+                        {"data", o.data},                   {"dtype", dev.cuda ? o.model.precision : o.model.dtype},
+                        {"device", dev.describe()}};
     if (!noises.empty()) {
       // the paper's robustness experiment: the same text, clean and under each noise
       std::printf("\n%-16s %12s %12s %10s\n", "noise", "bytes", "bits/byte", "change");
@@ -75,7 +77,17 @@ inline int run_eval(EvalCliOptions const& o) {
       j["noise_seed"] = o.noise_seed;
     }
     if (o.json) std::cout << j.dump() << std::endl;
-  });
+  };
+  if (dev.cuda) {
+    ModelWeights<float> const w = load_weights<float>(o.model.model_dir);
+    report([&](std::span<std::uint8_t const> text, EvalOptions const& eo) {
+      return cuda_evaluate(w, text, eo, o.model.precision, dev.index);
+    });
+  } else {
+    with_model(o.model, [&](auto& m, CheckpointInfo const&) {
+      report([&](std::span<std::uint8_t const> text, EvalOptions const& eo) { return evaluate_bits_per_byte(m, text, eo); });
+    });
+  }
   return 0;
 }
 

@@ -35,6 +35,8 @@ struct TrainCliOptions {
   bool resume = false;
   bool progress = true;
   std::string dtype = "float";
+  std::string device = "auto";      ///< auto | cpu | cuda | cuda:N
+  std::string precision = "bf16";   ///< on a GPU: bf16 (mixed) or fp32
 };
 
 namespace detail {
@@ -122,6 +124,7 @@ int run_train_typed(TrainCliOptions const& o) {
   require(!o.out.empty(), "--out is required");
   require(o.steps >= 0, "--steps must be >= 0");
   backend::Cpu const be = make_backend(ModelOptions{"", o.dtype, o.threads});
+  DeviceChoice const dev = resolve_device(o.device, o.dtype, o.precision);
 
   // data
   ByteCorpus all = ByteCorpus::from_file(o.data);
@@ -183,6 +186,9 @@ int run_train_typed(TrainCliOptions const& o) {
     std::ofstream(out / "log.jsonl", std::ios::trunc);
   }
   Trainer<T>& tr = *trainer;
+  if (dev.cuda) {
+    if constexpr (std::is_same_v<T, float>) tr.set_engine(make_cuda_engine(tr.weights().config(), o.precision, dev.index));
+  }
   if (!o.resume && o.steps == 0 && o.time_limit > 0) {
     // size the schedule to the budget: time a step (twice: the first warms caches), leave
     // room for the evaluations
@@ -194,12 +200,13 @@ int run_train_typed(TrainCliOptions const& o) {
   ModelConfig const& c = tr.weights().config();
   std::fprintf(stderr,
                "model: d_model %d, %d layers, d_state %d, %s parameters (%s); data: %zu train / %zu validation bytes\n"
-               "batch %d x %d bytes, %lld steps, lr %.2g, %s%s\n",
+               "batch %d x %d bytes, %lld steps, lr %.2g, %s%s; on %s\n",
                c.d_model, c.n_layer, c.d_state, human_count(double(c.parameter_count())).c_str(),
-               o.dtype.c_str(), train_data.size(), val_data ? val_data->size() : 0, tr.options().batch,
+               (tr.engine() ? o.precision : o.dtype).c_str(), train_data.size(), val_data ? val_data->size() : 0, tr.options().batch,
                tr.options().seq_len, static_cast<long long>(tr.options().steps), tr.options().adamw.lr,
                o.time_limit > 0 ? "time limit " : "no time limit",
-               o.time_limit > 0 ? (std::to_string(static_cast<long long>(o.time_limit)) + " s").c_str() : "");
+               o.time_limit > 0 ? (std::to_string(static_cast<long long>(o.time_limit)) + " s").c_str() : "",
+               tr.engine() ? tr.engine()->name().c_str() : "the CPU");
 
   std::ofstream log(out / "log.jsonl", std::ios::app);
   bool const tty = o.progress && stderr_is_terminal();
@@ -276,7 +283,8 @@ int run_train_typed(TrainCliOptions const& o) {
                       {"train_bits_per_byte", last_loss_bpb},
                       {"seconds", secs},
                       {"checkpoint", fs::canonical(out / "latest").string()},
-                      {"activation_bytes", tr.activation_bytes()}};
+                      {"activation_bytes", tr.activation_bytes()},
+                      {"device", tr.engine() ? tr.engine()->name() : std::string("cpu")}};
   if (std::isfinite(val)) j["val_bits_per_byte"] = val;
   std::cout << j.dump() << std::endl;
   return reason == StopReason::kInterrupted ? 130 : 0;

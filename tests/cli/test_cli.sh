@@ -95,9 +95,10 @@ expect "train --resume without a run" nonzero 'no checkpoint' -- "$bin" train "$
 expect "train into a file" nonzero 'cannot create output directory|not writable' -- "$bin" train --data "$tmp/small.txt" --out "$tmp/small.txt/x"
 expect "train nonsense flag" nonzero 'seq-len' -- "$bin" train --data "$tmp/small.txt" --out "$tmp/run5" --seq-len 0
 
-# --time-limit: stops cleanly, saves, and scores the final weights
+# --time-limit: stops cleanly, saves, and scores the final weights (a long --steps, so that the
+# time limit, not a schedule fitted to a loaded machine, ends the run)
 rm -rf "$tmp/runtl"
-out=$("$bin" train --data "$tmp/small.txt" --out "$tmp/runtl" --seq-len 32 --batch 2 --d-model 16 --n-layer 1 --d-state 4 --eval-bytes 300 --threads 2 --no-progress --time-limit 2 --eval-every 0 2>/dev/null | tail -n 1)
+out=$("$bin" train --data "$tmp/small.txt" --out "$tmp/runtl" --seq-len 32 --batch 2 --d-model 16 --n-layer 1 --d-state 4 --eval-bytes 300 --threads 2 --no-progress --time-limit 2 --steps 1000000 --eval-every 0 2>/dev/null | tail -n 1)
 final=$(sed -E 's/.*"step":([0-9]+).*/\1/' <<<"$out")
 last_eval=$(grep '"type":"eval"' "$tmp/runtl/log.jsonl" | tail -n 1 | sed -E 's/.*"step":([0-9]+).*/\1/')
 [[ $out == *'"stop":"time limit"'* && -n $final && $final == "$last_eval" && -L "$tmp/runtl/latest" ]] \
@@ -111,6 +112,21 @@ for _ in $(seq 50); do grep -q '^step' "$tmp/int.out" 2>/dev/null && break; slee
 kill -INT $pid; wait $pid; rc=$?
 [[ $rc == 130 && -L "$tmp/runint/latest" ]] && grep -q '"stop":"interrupted"' "$tmp/int.out" \
   && pass "SIGINT saves a checkpoint and exits 130" || { bad "SIGINT: rc $rc"; tail -3 "$tmp/int.out"; }
+
+# --device: nonsense is refused; --device cpu always works; without a GPU (CI), --device cuda
+# fails with a clear message (built without CUDA: how to build it; with CUDA: no device)
+expect "--device bogus" nonzero 'device must be auto, cpu, cuda' -- "$bin" eval -m "$golden/hf_default" -d "$golden/text.txt" --device bogus
+expect "--device cuda:x" nonzero 'device must be auto, cpu, cuda' -- "$bin" eval -m "$golden/hf_default" -d "$golden/text.txt" --device cuda:x
+expect "--precision fp16" nonzero 'precision' -- "$bin" eval -m "$golden/hf_default" -d "$golden/text.txt" --precision fp16
+expect "--device cpu" 0 '"device":"cpu"' -- "$bin" eval -m "$golden/hf_default" -d "$golden/text.txt" --device cpu --json
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  expect "--device cuda without a GPU" nonzero 'built without the CUDA backend|0 CUDA devices' -- \
+    "$bin" eval -m "$golden/hf_default" -d "$golden/text.txt" --device cuda
+  expect "--device auto without a GPU runs on the CPU" 0 '"device":"cpu"' -- \
+    "$bin" eval -m "$golden/hf_default" -d "$golden/text.txt" --json
+fi
+expect "--dtype double --device cuda" nonzero 'CPU only|without the CUDA backend|CUDA device' -- \
+  "$bin" eval -m "$golden/hf_default" -d "$golden/text.txt" --dtype double --device cuda
 
 # ngram baseline
 expect "ngram" 0 '"best_bits_per_byte"' -- "$bin" ngram --data "$tmp/small.txt" --order 3 --json

@@ -14,6 +14,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -285,6 +286,27 @@ TEST_CASE("cuda scan backward: odd shapes, every option", "[cuda][backward][smal
   }
 }
 
+TEST_CASE("cuda scan backward: 16-byte rows, channel-block and tile edges", "[cuda][backward][small]") {
+  // ld a multiple of 4 floats: the 16-byte cp.async path for u / delta / dout / z (d_inner 68:
+  // a second 64-channel block with 4 channels, the rest of its 16-byte groups zero-filled);
+  // segments of 8, 12 and 20 steps (1, 1.5 and 2.5 tiles of 8 steps) and Auto.
+  REQUIRE_GPU();
+  std::uint64_t seed = 500;
+  for (int Di : {64, 68, 130}) {
+    for (int L : {4, 37, 64}) {
+      Case c;
+      c.batch = 2; c.length = L; c.d_inner = Di;
+      c.pad = (Di % 4 == 0) ? 4 : 2;
+      c.xproj = (L != 37);
+      check_case<scan::Sequential>(c, seed++);
+      check_case<scan::Chunked<8>>(c, seed++);
+      check_case<scan::Chunked<12>>(c, seed++);
+      check_case<scan::Chunked<20>>(c, seed++);
+      check_case<scan::Auto>(c, seed++);
+    }
+  }
+}
+
 TEST_CASE("cuda scan backward: general d_state", "[cuda][backward][small]") {
   REQUIRE_GPU();
   std::uint64_t seed = 100;
@@ -305,17 +327,28 @@ TEST_CASE("cuda scan backward: model-like sizes, policies", "[cuda][backward]") 
   check_case<scan::Chunked<64>>(c, 9);
   check_case<scan::Chunked<256>>(c, 11);
   c.batch = 1; c.length = 3001; c.d_inner = 129; c.xproj = false;
-  check_case<scan::Auto>(c, 10);  // 5 blocks: Auto picks 6 time segments of 512 steps
+  check_case<scan::Auto>(c, 10);  // 3 channel blocks: Auto picks 11 time segments
   check_case<scan::Chunked<512>>(c, 12);
 }
 
 TEST_CASE("cuda scan backward: Auto rule", "[cuda][backward][small]") {
-  CHECK(ssm::resolve_auto_cuda_backward(64, 8192, 2048, 132) == 0);   // 4096 blocks: one segment
-  CHECK(ssm::resolve_auto_cuda_backward(8, 8192, 2048, 132) == 64);   // 512 blocks: 512 steps
-  CHECK(ssm::resolve_auto_cuda_backward(1, 65536, 2048, 132) == 64);  // 64 blocks: 512 steps
-  CHECK(ssm::resolve_auto_cuda_backward(16, 2048, 1536, 132) == 64);
-  CHECK(ssm::resolve_auto_cuda_backward(1, 1000, 129, 132) == 0);     // too short to split
-  CHECK(ssm::resolve_auto_cuda_backward(1, 3001, 129, 132) == 64);
+  namespace sd = mambabyte::backend::cuda::scan_bwd_detail;
+  // Segments (in chunks of kBwdChunk steps) for 132 SMs x 4 resident blocks (528 blocks a wave).
+  auto segs = [](int batch, int length, int d_inner) {
+    int const sc = ssm::resolve_auto_cuda_backward(batch, length, d_inner, 132, 4);
+    return sd::segment_count(length, sc);
+  };
+  CHECK(ssm::resolve_auto_cuda_backward(256, 8192, 2048, 132, 4) == 0);  // 8192 blocks: one segment
+  CHECK(ssm::resolve_auto_cuda_backward(1, 300, 129, 132, 4) == 0);      // too short to split
+  // Few channel blocks: the segments fill at least one wave, each at least 256 steps long.
+  for (auto [B, L, D] : {std::tuple{8, 8192, 2048}, {1, 65536, 2048}, {16, 2048, 1536}, {1, 3001, 129}}) {
+    INFO("B=" << B << " L=" << L << " D=" << D);
+    int const sc = ssm::resolve_auto_cuda_backward(B, L, D, 132, 4);
+    CHECK(sc > 0);
+    CHECK(sc * sd::kBwdChunk >= 256);
+    CHECK(segs(B, L, D) >= 2);
+  }
+  CHECK(segs(1, 65536, 2048) * 32 >= 528);  // 32 channel blocks fill a wave of 528
 }
 
 TEST_CASE("cuda scan backward: argument checks", "[cuda][backward][small]") {

@@ -133,7 +133,7 @@ std::vector<std::string> generate(Model& model, std::string_view prompt, int n_b
   if (n_bytes == 0) return out;
 
   // prefill once, in chunks, carrying the state
-  InferenceState<T> one = model.make_state(1);
+  auto one = model.make_state(1);  // InferenceState<T>, or a device state for a GPU model
   std::vector<T> logits(std::min(prompt.size(), static_cast<std::size_t>(kPrefillChunk)) * Vs);
   std::vector<std::int32_t> tokens;
   std::size_t last = 0;  // length of the last chunk
@@ -143,7 +143,7 @@ std::vector<std::string> generate(Model& model, std::string_view prompt, int n_b
     model.forward(tokens, 1, static_cast<int>(last), &one, std::span<T>(logits.data(), last * Vs));
   }
   std::vector<T> step_logits(static_cast<std::size_t>(batch) * Vs);
-  InferenceState<T> state = model.make_state(batch);
+  auto state = model.make_state(batch);
   for (int b = 0; b < batch; ++b) {
     std::copy_n(logits.begin() + static_cast<std::ptrdiff_t>((last - 1) * Vs), Vs,
                 step_logits.begin() + static_cast<std::ptrdiff_t>(b) * V);

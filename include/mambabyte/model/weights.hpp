@@ -10,6 +10,7 @@
 #include <functional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "mambabyte/core/aligned.hpp"
@@ -81,8 +82,53 @@ inline std::vector<ParamInfo> parameter_layout(ModelConfig const& c, std::size_t
   return out;
 }
 
+/// Typed views of every tensor of a flat parameter buffer laid out by parameter_layout():
+/// shared by host weights (ModelWeights) and device copies (backend/cuda/model.cuh).
 template <class T>
-class ModelWeights {
+struct WeightViews {
+  T* embedding = nullptr;  ///< (vocab_size, d_model)
+  std::vector<LayerWeights<T>> layers;
+  T* norm_f_w = nullptr;   ///< (d_model)
+  T* norm_f_b = nullptr;   ///< (d_model), LayerNorm only
+  T* lm_head = nullptr;    ///< (vocab_size, d_model); == embedding when tied
+
+  /// Point every view at base + its parameter's offset.
+  void bind_views(std::vector<ParamInfo> const& params, int n_layer, T* base) {
+    layers.assign(static_cast<std::size_t>(n_layer), LayerWeights<T>{});
+    embedding = norm_f_w = norm_f_b = lm_head = nullptr;
+    for (auto const& p : params) {
+      T* ptr = base + p.offset;
+      std::string_view n = p.name;
+      if (n == "backbone.embedding.weight") { embedding = ptr; continue; }
+      if (n == "backbone.norm_f.weight") { norm_f_w = ptr; continue; }
+      if (n == "backbone.norm_f.bias") { norm_f_b = ptr; continue; }
+      if (n == "lm_head.weight") { lm_head = ptr; continue; }
+      // backbone.layers.{i}.<rest>
+      n.remove_prefix(std::string_view("backbone.layers.").size());
+      std::size_t const dot = n.find('.');
+      int const i = std::stoi(std::string(n.substr(0, dot)));
+      std::string_view const rest = n.substr(dot + 1);
+      LayerWeights<T>& L = layers[static_cast<std::size_t>(i)];
+      if (rest == "norm.weight") L.norm_w = ptr;
+      else if (rest == "norm.bias") L.norm_b = ptr;
+      else if (rest == "mixer.in_proj.weight") L.in_proj_w = ptr;
+      else if (rest == "mixer.in_proj.bias") L.in_proj_b = ptr;
+      else if (rest == "mixer.conv1d.weight") L.conv_w = ptr;
+      else if (rest == "mixer.conv1d.bias") L.conv_b = ptr;
+      else if (rest == "mixer.x_proj.weight") L.x_proj_w = ptr;
+      else if (rest == "mixer.dt_proj.weight") L.dt_proj_w = ptr;
+      else if (rest == "mixer.dt_proj.bias") L.dt_proj_b = ptr;
+      else if (rest == "mixer.A_log") L.A_log = ptr;
+      else if (rest == "mixer.D") L.D = ptr;
+      else if (rest == "mixer.out_proj.weight") L.out_proj_w = ptr;
+      else if (rest == "mixer.out_proj.bias") L.out_proj_b = ptr;
+    }
+    if (!lm_head) lm_head = embedding;  // tied
+  }
+};
+
+template <class T>
+class ModelWeights : public WeightViews<T> {
  public:
   ModelWeights() = default;
   explicit ModelWeights(ModelConfig cfg) : config_(std::move(cfg)) {
@@ -118,45 +164,8 @@ class ModelWeights {
   std::span<T> tensor(ParamInfo const& p) { return {data_.data() + p.offset, p.numel}; }
   std::span<T const> tensor(ParamInfo const& p) const { return {data_.data() + p.offset, p.numel}; }
 
-  T* embedding = nullptr;  ///< (vocab_size, d_model)
-  std::vector<LayerWeights<T>> layers;
-  T* norm_f_w = nullptr;   ///< (d_model)
-  T* norm_f_b = nullptr;   ///< (d_model), LayerNorm only
-  T* lm_head = nullptr;    ///< (vocab_size, d_model); == embedding when tied
-
  private:
-  void bind() {
-    layers.assign(static_cast<std::size_t>(config_.n_layer), LayerWeights<T>{});
-    embedding = norm_f_w = norm_f_b = lm_head = nullptr;
-    for (auto const& p : params_) {
-      T* ptr = data_.data() + p.offset;
-      std::string_view n = p.name;
-      if (n == "backbone.embedding.weight") { embedding = ptr; continue; }
-      if (n == "backbone.norm_f.weight") { norm_f_w = ptr; continue; }
-      if (n == "backbone.norm_f.bias") { norm_f_b = ptr; continue; }
-      if (n == "lm_head.weight") { lm_head = ptr; continue; }
-      // backbone.layers.{i}.<rest>
-      n.remove_prefix(std::string_view("backbone.layers.").size());
-      std::size_t const dot = n.find('.');
-      int const i = std::stoi(std::string(n.substr(0, dot)));
-      std::string_view const rest = n.substr(dot + 1);
-      LayerWeights<T>& L = layers[static_cast<std::size_t>(i)];
-      if (rest == "norm.weight") L.norm_w = ptr;
-      else if (rest == "norm.bias") L.norm_b = ptr;
-      else if (rest == "mixer.in_proj.weight") L.in_proj_w = ptr;
-      else if (rest == "mixer.in_proj.bias") L.in_proj_b = ptr;
-      else if (rest == "mixer.conv1d.weight") L.conv_w = ptr;
-      else if (rest == "mixer.conv1d.bias") L.conv_b = ptr;
-      else if (rest == "mixer.x_proj.weight") L.x_proj_w = ptr;
-      else if (rest == "mixer.dt_proj.weight") L.dt_proj_w = ptr;
-      else if (rest == "mixer.dt_proj.bias") L.dt_proj_b = ptr;
-      else if (rest == "mixer.A_log") L.A_log = ptr;
-      else if (rest == "mixer.D") L.D = ptr;
-      else if (rest == "mixer.out_proj.weight") L.out_proj_w = ptr;
-      else if (rest == "mixer.out_proj.bias") L.out_proj_b = ptr;
-    }
-    if (!lm_head) lm_head = embedding;  // tied
-  }
+  void bind() { this->bind_views(params_, config_.n_layer, data_.data()); }
 
   ModelConfig config_;
   std::vector<ParamInfo> params_;

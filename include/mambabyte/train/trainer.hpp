@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -120,6 +121,43 @@ struct EvalStats {
 /// Why run() returned.
 enum class StopReason { kDone, kTimeLimit, kInterrupted };
 
+/// What one optimizer step of an engine reports.
+struct StepResult {
+  double loss = 0;       ///< mean cross-entropy (nats per byte)
+  double grad_norm = 0;  ///< global gradient norm before clipping
+};
+
+/// Where a Trainer's steps run when they do not run on the CPU (e.g. a GPU:
+/// backend/cuda/train_engine.cuh). The Trainer keeps the host weights and optimizer state
+/// (checkpoints, resume); an engine keeps its own copies and writes them back on store().
+/// An engine must be deterministic for resume to be exact, and must leave its weights
+/// untouched by a step whose loss or gradient norm is not finite (the trainer then stops).
+template <class T>
+class StepEngine {
+ public:
+  virtual ~StepEngine() = default;
+  /// Short description for logs ("cuda:0 bf16").
+  virtual std::string name() const = 0;
+  /// Take weights and optimizer state (moments and step count) from the host.
+  virtual void load(ModelWeights<T> const& w, AdamW<T> const& opt) = 0;
+  /// Loss and gradient of tokens (batch, seq_len + 1), global-norm clipping to `clip` (0 = off),
+  /// then one AdamW update with learning rate lr.
+  virtual StepResult step(std::span<std::int32_t const> tokens, int batch, double lr, double clip) = 0;
+  /// Forward + backward only (nothing updated); returns its wall time in seconds.
+  virtual double time_step(std::span<std::int32_t const> tokens, int batch) = 0;
+  /// Write the engine's weights, moments and step count into the host objects.
+  virtual void store(ModelWeights<T>& w, AdamW<T>& opt) = 0;
+  /// Bits per byte on the engine's device from its current weights, or nullopt to let the
+  /// trainer score the stored weights on the CPU.
+  virtual std::optional<EvalResult> evaluate(std::span<std::uint8_t const>, EvalOptions const&) {
+    return std::nullopt;
+  }
+  /// Bytes of activations and scratch of the last step.
+  virtual std::size_t activation_bytes() const = 0;
+  /// Optimizer steps taken (loaded + done here): the trainer's step counter while it runs.
+  virtual std::int64_t step_count() const = 0;
+};
+
 template <class T, class ScanPolicy = scan::Auto>
 class Trainer {
  public:
@@ -166,20 +204,36 @@ class Trainer {
     return Trainer(std::move(ck), std::move(train_data), std::move(val_data), o, out, be);
   }
 
+  /// The weights as of the last sync() (every checkpoint and the end of run() sync).
   ModelWeights<T> const& weights() const { return weights_; }
-  /// Direct access to the weights being trained (e.g. to start from pretrained values).
+  /// Direct access to the weights being trained (e.g. to start from pretrained values); set
+  /// them before set_engine(), which copies them to the engine.
   ModelWeights<T>& mutable_weights() { return weights_; }
-  std::int64_t step() const { return optimizer_.step_count(); }
+
+  /// Run the steps on `engine` (a GPU) instead of the CPU; it receives the current weights and
+  /// optimizer state now. Null returns to the CPU (after a sync).
+  void set_engine(std::unique_ptr<StepEngine<T>> engine) {
+    sync();
+    engine_ = std::move(engine);
+    if (engine_) engine_->load(weights_, optimizer_);
+  }
+  StepEngine<T> const* engine() const { return engine_.get(); }
+  /// Make weights() and the optimizer state current (copies them back from the engine).
+  void sync() {
+    if (engine_) engine_->store(weights_, optimizer_);
+  }
+  std::int64_t step() const { return engine_ ? engine_->step_count() : optimizer_.step_count(); }
   TrainerOptions const& options() const { return opt_; }
   std::vector<EvalStats> const& evals() const { return evals_; }
   /// Bytes of training activations of one step (measured by the training model).
-  std::size_t activation_bytes() const { return tm_.activation_bytes(); }
+  std::size_t activation_bytes() const { return engine_ ? engine_->activation_bytes() : tm_.activation_bytes(); }
 
   /// Wall time of one training step (forward + backward on step 0's windows, nothing updated):
   /// lets a caller size a run to a time budget before it starts.
   double time_one_step() {
     std::vector<std::int32_t> tokens(static_cast<std::size_t>(opt_.batch) * (opt_.seq_len + 1));
     sampler_.fill(train_, 0, opt_.batch, tokens);
+    if (engine_) return engine_->time_step(tokens, opt_.batch);
     auto const t = std::chrono::steady_clock::now();
     grads_.zero();
     tm_.forward_backward(weights_, tokens, opt_.batch, grads_);
@@ -211,15 +265,22 @@ class Trainer {
       auto const ts = clock::now();
       std::int64_t const s = step();
       sampler_.fill(train_, static_cast<std::uint64_t>(s), opt_.batch, tokens);
-      grads_.zero();
-      double const loss = tm_.forward_backward(weights_, tokens, opt_.batch, grads_);
+      double const lr = sched(s);
+      double loss = 0, gnorm = 0;
+      if (engine_) {
+        StepResult const r = engine_->step(tokens, opt_.batch, lr, opt_.grad_clip);
+        loss = r.loss;
+        gnorm = r.grad_norm;
+      } else {
+        grads_.zero();
+        loss = tm_.forward_backward(weights_, tokens, opt_.batch, grads_);
+        if (std::isfinite(loss)) gnorm = clip_grad_norm(grads_.flat(), opt_.grad_clip);
+      }
       require(std::isfinite(loss), "training diverged: the loss is ", loss, " at step ", s + 1,
               "; the last good checkpoint is kept in ", out_.string());
-      double const gnorm = clip_grad_norm(grads_.flat(), opt_.grad_clip);
       require(std::isfinite(gnorm), "training diverged: the gradient norm is ", gnorm, " at step ", s + 1,
               "; the last good checkpoint is kept in ", out_.string());
-      double const lr = sched(s);
-      optimizer_.step(weights_.flat(), std::span<T const>(grads_.flat()), lr);
+      if (!engine_) optimizer_.step(weights_.flat(), std::span<T const>(grads_.flat()), lr);
       dirty = true;
       StepStats st;
       st.step = step();
@@ -242,6 +303,7 @@ class Trainer {
     bool const final_eval = step() >= opt_.steps || reason == StopReason::kTimeLimit;
     if (final_eval && (evals_.empty() || evals_.back().step != step())) evaluate(cb);
     if (dirty || !std::filesystem::exists(out_ / "latest")) checkpoint(cb);
+    sync();
     return reason;
   }
 
@@ -249,11 +311,13 @@ class Trainer {
   /// the current weights, state carried across the whole text.
   EvalStats evaluate(Callbacks const& cb = {}) {
     ByteCorpus const& data = val_ ? *val_ : train_;
-    Model<T, ScanPolicy> m(weights_, be_);
     EvalOptions eo;
     eo.chunk = opt_.eval_chunk;
     eo.max_bytes = opt_.eval_max_bytes;
-    EvalResult const r = evaluate_bits_per_byte(m, data.bytes(), eo);
+    std::optional<EvalResult> on_engine;
+    if (engine_) on_engine = engine_->evaluate(data.bytes(), eo);
+    if (!on_engine) sync();
+    EvalResult const r = on_engine ? *on_engine : evaluate_cpu(data, eo);
     EvalStats e{step(), r.bits_per_byte, r.bytes_predicted, r.seconds};
     evals_.push_back(e);
     if (cb.on_eval) cb.on_eval(e);
@@ -261,6 +325,7 @@ class Trainer {
   }
 
   std::filesystem::path checkpoint(Callbacks const& cb = {}) {
+    sync();
     nlohmann::json st = {{"options", opt_.to_json()}, {"train_data", train_.name()}, {"train_bytes", train_.size()},
                          {"train_fingerprint", fingerprint(train_)}};
     if (val_) { st["val_data"] = val_->name(); st["val_bytes"] = val_->size(); }
@@ -271,6 +336,11 @@ class Trainer {
   }
 
  private:
+  EvalResult evaluate_cpu(ByteCorpus const& data, EvalOptions const& eo) const {
+    Model<T, ScanPolicy> m(weights_, be_);
+    return evaluate_bits_per_byte(m, data.bytes(), eo);
+  }
+
   Trainer(LoadedCheckpoint<T> ck, ByteCorpus train_data, std::optional<ByteCorpus> val_data, TrainerOptions opt,
           std::filesystem::path out, backend::Cpu be)
       : opt_(opt), out_(std::move(out)), be_(be), train_(std::move(train_data)), val_(std::move(val_data)),
@@ -316,6 +386,7 @@ class Trainer {
   ModelWeights<T> weights_, grads_;
   AdamW<T> optimizer_;
   TrainingModel<T, ScanPolicy> tm_;
+  std::unique_ptr<StepEngine<T>> engine_;
   std::vector<EvalStats> evals_;
 };
 

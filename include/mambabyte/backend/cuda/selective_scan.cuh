@@ -29,6 +29,24 @@
  *  d_state: can_implement() says kUnsupported. Launches are asynchronous on be.stream; the
  *  workspace (Chunked, Auto) is device memory of workspace_bytes() bytes, owned by the caller
  *  and in use until the stream passes the scan.
+ *
+ *  bf16 storage: ssm::SelectiveScan<backend::Cuda, __nv_bfloat16, Policy> (same policies) takes
+ *  backend::cuda::MixedScanArguments<__nv_bfloat16>: the activations u, delta, B, C, z, out are
+ *  __nv_bfloat16, the parameters (A, D, delta_bias) and the states (initial_state, final_state,
+ *  and the chunked workspace) float; all arithmetic is fp32 as in the float scan, outputs are
+ *  rounded to bf16 (nearest even) once, at the store. The same kernels serve both: they are
+ *  templated on the storage type TS, and the float specialisations map their
+ *  ssm::SelectiveScanArguments<float> onto MixedScanArguments<float> (same fields), whose code
+ *  path is the fp32 one unchanged (`if constexpr` on TS). What differs for bf16:
+ *   - u, delta, z tiles stay bf16 in shared memory (half the bytes) and are converted on read.
+ *     When a tensor's base is 16-byte aligned and its leading dimension a multiple of 8
+ *     (checked on the host: ScanParams::vec_x), each cp.async moves 8 channels (16 bytes; a
+ *     ragged last group is zero-filled by cp.async's src-size); otherwise the tile is staged by
+ *     plain 2-byte loads (correct for any layout, slower: the loads' latency is not hidden).
+ *   - B_t, C_t rows: cp.async of 16-byte groups into a bf16 copy (vec_bc: B and C 16-byte
+ *     aligned, ld_B and ld_C multiples of 8; else plain loads), then converted once per tile
+ *     into a float copy (one extra __syncthreads per 16 steps), so the inner loop reads them as
+ *     float4 broadcasts exactly like the float scan.
  */
 #pragma once
 
@@ -36,6 +54,7 @@
 #error "backend/cuda headers need nvcc; include <mambabyte/cuda.hpp> from a .cu file"
 #endif
 
+#include <cuda_bf16.h>
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
@@ -49,7 +68,96 @@
 #include "mambabyte/policy/policy.hpp"
 #include "mambabyte/ssm/selective_scan.hpp"
 
+namespace mambabyte::backend::cuda {
+
+/// Storage types of the CUDA scans' activations: float and __nv_bfloat16.
+template <class TS>
+inline constexpr bool is_scan_storage_v =
+    std::is_same_v<TS, float> || std::is_same_v<TS, __nv_bfloat16>;
+
+/// Arguments of the CUDA scan with activations stored as TS (float or __nv_bfloat16) and
+/// parameters / states in float. Same fields, meaning and layout as
+/// ssm::SelectiveScanArguments (see ssm/selective_scan.hpp); all pointers are device memory.
+template <class TS>
+struct MixedScanArguments {
+  int batch = 0, length = 0, d_inner = 0, d_state = 0;
+  TS const* u = nullptr;          std::int64_t ld_u = 0;      ///< (batch, length, d_inner)
+  TS const* delta = nullptr;      std::int64_t ld_delta = 0;  ///< (batch, length, d_inner), before bias
+  float const* delta_bias = nullptr;                          ///< (d_inner) or null
+  bool delta_softplus = true;
+  float const* A = nullptr;                                   ///< (d_inner, d_state)
+  TS const* B = nullptr;          std::int64_t ld_B = 0;      ///< (batch, length, d_state)
+  TS const* C = nullptr;          std::int64_t ld_C = 0;      ///< (batch, length, d_state)
+  float const* D = nullptr;                                   ///< (d_inner) or null
+  TS const* z = nullptr;          std::int64_t ld_z = 0;      ///< (batch, length, d_inner) or null
+  TS* out = nullptr;              std::int64_t ld_out = 0;    ///< (batch, length, d_inner)
+  float const* initial_state = nullptr;                       ///< (batch, d_inner, d_state) or null
+  float* final_state = nullptr;                               ///< (batch, d_inner, d_state) or null
+};
+
+/// The checks of ssm::validate(SelectiveScanArguments) for the mixed arguments.
+template <class TS>
+Status validate(MixedScanArguments<TS> const& a) {
+  if (a.batch < 0 || a.length < 0 || a.d_inner <= 0 || a.d_state <= 0) return Status::kInvalidArgument;
+  if (a.batch == 0 || a.length == 0) return Status::kSuccess;  // nothing to do, still valid
+  if (!a.u || !a.delta || !a.A || !a.B || !a.C || !a.out) return Status::kInvalidArgument;
+  if (a.ld_u < a.d_inner || a.ld_delta < a.d_inner || a.ld_out < a.d_inner) return Status::kInvalidArgument;
+  if (a.ld_B < a.d_state || a.ld_C < a.d_state) return Status::kInvalidArgument;
+  if (a.z && a.ld_z < a.d_inner) return Status::kInvalidArgument;
+  return Status::kSuccess;
+}
+
+/// The float arguments as MixedScanArguments<float> (field by field).
+inline MixedScanArguments<float> to_mixed(ssm::SelectiveScanArguments<float> const& f) {
+  MixedScanArguments<float> a;
+  a.batch = f.batch; a.length = f.length; a.d_inner = f.d_inner; a.d_state = f.d_state;
+  a.u = f.u; a.ld_u = f.ld_u;
+  a.delta = f.delta; a.ld_delta = f.ld_delta;
+  a.delta_bias = f.delta_bias; a.delta_softplus = f.delta_softplus;
+  a.A = f.A;
+  a.B = f.B; a.ld_B = f.ld_B;
+  a.C = f.C; a.ld_C = f.ld_C;
+  a.D = f.D;
+  a.z = f.z; a.ld_z = f.ld_z;
+  a.out = f.out; a.ld_out = f.ld_out;
+  a.initial_state = f.initial_state; a.final_state = f.final_state;
+  return a;
+}
+inline MixedScanArguments<__nv_bfloat16> const& to_mixed(MixedScanArguments<__nv_bfloat16> const& a) { return a; }
+inline MixedScanArguments<float> const& to_mixed(MixedScanArguments<float> const& a) { return a; }
+
+}  // namespace mambabyte::backend::cuda
+
 namespace mambabyte::backend::cuda::scan_detail {
+
+/// Element loads and stores with fp32 arithmetic: to_f / load_f widen (load_f through the
+/// read-only cache), from_f rounds to nearest even for bf16.
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float load_f(float const* p) { return __ldg(p); }
+__device__ __forceinline__ float load_f(__nv_bfloat16 const* p) { return __bfloat162float(__ldg(p)); }
+template <class TS>
+__device__ __forceinline__ TS from_f(float x) {
+  if constexpr (std::is_same_v<TS, float>) return x;
+  else return __float2bfloat16_rn(x);
+}
+
+/// True when rows of TS at p with leading dimension ld start on 16-byte boundaries (or p is
+/// null: an absent input never stops the vector path).
+template <class TS>
+inline bool rows_aligned16(TS const* p, std::int64_t ld) {
+  return p == nullptr ||
+         (reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (ld * static_cast<std::int64_t>(sizeof(TS))) % 16 == 0);
+}
+
+/// cp.async of 16 bytes (L2 only) from global `src` to shared `dst`, both 16-byte aligned; only
+/// the first src_bytes (1..16) are read, the rest of the 16 are zero-filled.
+__device__ __forceinline__ void cp_async16(void* dst, void const* src, int src_bytes) {
+  unsigned const s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s),
+               "l"(__cvta_generic_to_global(src)), "r"(src_bytes)
+               : "memory");
+}
 
 inline constexpr int kThreads = 128;  ///< channels per block (kSplit threads each)
 inline constexpr int kTileT = 16;     ///< time steps per shared-memory stage
@@ -68,13 +176,16 @@ struct StateView {
 
 enum class Mode { kReduce, kWrite };
 
+template <class TS = float>
 struct ScanParams {
-  ssm::SelectiveScanArguments<float> a;
+  MixedScanArguments<TS> a;
   int chunk_len = 0;    ///< time steps per chunk (>= length for one chunk)
   int n_chunks = 1;
   StateView h_in;       ///< kWrite: carried-in state per chunk (null: zero)
   StateView h_out;      ///< kReduce: end state of every chunk; kWrite: of the last chunk only
   float* dsum = nullptr;  ///< kReduce: sum of deltas, [(b*n_chunks + c)*d_inner + d]
+  bool vec_x = false;   ///< bf16: u, delta, z rows 16-byte aligned (cp.async of 8 channels)
+  bool vec_bc = false;  ///< bf16: B, C rows 16-byte aligned (cp.async of 8 states)
 };
 
 /// softplus(v) = log(1 + e^v), branch-free: max(v, 0) + log1p(e^-|v|), with
@@ -102,15 +213,28 @@ __device__ __forceinline__ float ex2_approx(float x) {
   return y;
 }
 
-/// Shared memory of one stage: u, delta, z columns (kTileT x kThreads) and B, C rows.
-template <int kN>
+/// Shared memory of one stage: u, delta, z columns (kTileT x kThreads) and B, C rows, in the
+/// storage type TS (bf16: rows of 2 kN >= 32 elements, so every row starts 16-byte aligned).
+template <int kN, class TS = float>
 struct alignas(16) Stage {
-  static_assert(kN % 4 == 0, "B/C rows are read as float4");
-  float u[kTileT][kThreads];
-  float dt[kTileT][kThreads];
-  float z[kTileT][kThreads];
-  alignas(16) float bc[kTileT][2 * kN];  // B_t[0..N) then C_t[0..N); rows 16-byte aligned
+  static_assert(kN % 8 == 0, "B/C rows are read as float4 (float) / 16-byte groups (bf16)");
+  TS u[kTileT][kThreads];
+  TS dt[kTileT][kThreads];
+  TS z[kTileT][kThreads];
+  alignas(16) TS bc[kTileT][2 * kN];  // B_t[0..N) then C_t[0..N); rows 16-byte aligned
 };
+
+/// bf16 only: the current tile's B, C rows converted to float (one copy, after both stages).
+template <int kN>
+struct alignas(16) BcFloat {
+  float bc[kTileT][2 * kN];
+};
+
+/// Dynamic shared memory of scan_chunk: two stages (+ the float B/C rows for bf16).
+template <int kN, class TS>
+constexpr std::size_t scan_smem_bytes() {
+  return 2 * sizeof(Stage<kN, TS>) + (std::is_same_v<TS, float> ? 0 : sizeof(BcFloat<kN>));
+}
 
 namespace kernel {
 
@@ -121,15 +245,18 @@ namespace kernel {
 ///  kExact (d_state == kN): every thread runs the tile code, threads of channels past d_inner
 ///  on zeros, and only stores are masked; registers across the whole tile.
 ///  !kExact (kSplit 1): d_state <= kN with guards, the plain step loop.
-template <int kN, bool kExact, int kSplit, Mode kMode>
+template <int kN, bool kExact, int kSplit, Mode kMode, class TS = float>
 // No min-blocks argument: with an explicit 1, ptxas took ~245 registers and ran 25% slower.
-MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit) scan_chunk(ScanParams const p) {
+MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit) scan_chunk(ScanParams<TS> const p) {
   static_assert(kExact || kSplit == 1, "the general path has one thread per channel");
   static_assert(kN % (4 * kSplit) == 0, "each thread holds whole float4 groups of states");
+  constexpr bool kFloat = std::is_same_v<TS, float>;
   constexpr int kNT = kN / kSplit;  // states per thread
   constexpr int kBlock = kThreads * kSplit;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  auto* stages = reinterpret_cast<Stage<kN>*>(smem_raw);
+  auto* stages = reinterpret_cast<Stage<kN, TS>*>(smem_raw);
+  // bf16: the current tile's B / C rows as float (unused for float storage).
+  [[maybe_unused]] auto* bcf = reinterpret_cast<BcFloat<kN>*>(smem_raw + 2 * sizeof(Stage<kN, TS>));
 
   auto const& a = p.a;
   int const N = kExact ? kN : a.d_state;  // kExact: the guards fold away
@@ -166,52 +293,126 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit) scan_chunk(ScanParams
   bool const has_z = a.z != nullptr;
   float dsum = 0.f;
 
-  // Issues the cp.async copies of the tile starting at time t into stage s: the block's
-  // threads walk the (step, channel) columns so that each warp reads 32 consecutive channels
-  // of one row. Columns of channels past d_inner are zero-filled.
+  // Issues the copies of the tile starting at time t into stage s: the block's threads walk
+  // the (step, channel) columns so that each warp reads consecutive channels of one row.
+  // Columns of channels past d_inner are zero-filled.
   auto issue = [&](int s, int t) {
     int const nt = min(kTileT, t1 - t);
-    Stage<kN>& st = stages[s];
-    int const col = tid % kThreads;
-    int const dl = blockIdx.x * kThreads + col;
-    if (dl < a.d_inner) {
-      std::int64_t const row = row0 + t;
-      for (int k = tid / kThreads; k < nt; k += kSplit) {
-        __pipeline_memcpy_async(&st.u[k][col], a.u + (row + k) * a.ld_u + dl, sizeof(float));
-        __pipeline_memcpy_async(&st.dt[k][col], a.delta + (row + k) * a.ld_delta + dl, sizeof(float));
-        if (kMode == Mode::kWrite && has_z)
-          __pipeline_memcpy_async(&st.z[k][col], a.z + (row + k) * a.ld_z + dl, sizeof(float));
+    Stage<kN, TS>& st = stages[s];
+    if constexpr (kFloat) {
+      // float: one cp.async of 4 bytes per element.
+      int const col = tid % kThreads;
+      int const dl = blockIdx.x * kThreads + col;
+      if (dl < a.d_inner) {
+        std::int64_t const row = row0 + t;
+        for (int k = tid / kThreads; k < nt; k += kSplit) {
+          __pipeline_memcpy_async(&st.u[k][col], a.u + (row + k) * a.ld_u + dl, sizeof(float));
+          __pipeline_memcpy_async(&st.dt[k][col], a.delta + (row + k) * a.ld_delta + dl, sizeof(float));
+          if (kMode == Mode::kWrite && has_z)
+            __pipeline_memcpy_async(&st.z[k][col], a.z + (row + k) * a.ld_z + dl, sizeof(float));
+        }
+      } else if constexpr (kExact) {
+        for (int k = tid / kThreads; k < nt; k += kSplit) {
+          st.u[k][col] = 0.f;
+          st.dt[k][col] = 0.f;
+          st.z[k][col] = 0.f;
+        }
       }
-    } else if constexpr (kExact) {
-      for (int k = tid / kThreads; k < nt; k += kSplit) {
-        st.u[k][col] = 0.f;
-        st.dt[k][col] = 0.f;
-        st.z[k][col] = 0.f;
+      int const per_row = (kMode == Mode::kWrite) ? 2 * N : N;  // kReduce needs no C
+      for (int i = tid; i < nt * per_row; i += kBlock) {
+        int const k = i / per_row, j = i - k * per_row;
+        std::int64_t const row = row0 + t + k;
+        float const* src = j < N ? a.B + row * a.ld_B + j : a.C + row * a.ld_C + (j - N);
+        int const cj = j < N ? j : kN + (j - N);
+        __pipeline_memcpy_async(&st.bc[k][cj], src, sizeof(float));
       }
-    }
-    int const per_row = (kMode == Mode::kWrite) ? 2 * N : N;  // kReduce needs no C
-    for (int i = tid; i < nt * per_row; i += kBlock) {
-      int const k = i / per_row, j = i - k * per_row;
-      std::int64_t const row = row0 + t + k;
-      float const* src = j < N ? a.B + row * a.ld_B + j : a.C + row * a.ld_C + (j - N);
-      int const cj = j < N ? j : kN + (j - N);
-      __pipeline_memcpy_async(&st.bc[k][cj], src, sizeof(float));
+    } else {
+      // bf16, u / delta / z: groups of 8 channels (16 bytes) per cp.async when aligned.
+      if (p.vec_x) {
+        constexpr int kG = kThreads / 8;  // groups per row of the block
+        for (int i = tid; i < nt * kG; i += kBlock) {
+          int const k = i / kG, g = i - k * kG;
+          int const dl = blockIdx.x * kThreads + 8 * g;
+          int const valid = min(8, a.d_inner - dl);
+          std::int64_t const row = row0 + t + k;
+          if (valid > 0) {
+            int const bytes = valid * static_cast<int>(sizeof(TS));
+            cp_async16(&st.u[k][8 * g], a.u + row * a.ld_u + dl, bytes);
+            cp_async16(&st.dt[k][8 * g], a.delta + row * a.ld_delta + dl, bytes);
+            if (kMode == Mode::kWrite && has_z) cp_async16(&st.z[k][8 * g], a.z + row * a.ld_z + dl, bytes);
+          } else if constexpr (kExact) {
+            uint4 const zero = make_uint4(0u, 0u, 0u, 0u);
+            *reinterpret_cast<uint4*>(&st.u[k][8 * g]) = zero;
+            *reinterpret_cast<uint4*>(&st.dt[k][8 * g]) = zero;
+            *reinterpret_cast<uint4*>(&st.z[k][8 * g]) = zero;
+          }
+        }
+      } else {
+        // Any layout: plain 2-byte loads (the loads' latency is not hidden).
+        int const col = tid % kThreads;
+        int const dl = blockIdx.x * kThreads + col;
+        if (dl < a.d_inner) {
+          std::int64_t const row = row0 + t;
+          for (int k = tid / kThreads; k < nt; k += kSplit) {
+            st.u[k][col] = a.u[(row + k) * a.ld_u + dl];
+            st.dt[k][col] = a.delta[(row + k) * a.ld_delta + dl];
+            if (kMode == Mode::kWrite && has_z) st.z[k][col] = a.z[(row + k) * a.ld_z + dl];
+          }
+        } else if constexpr (kExact) {
+          TS const zero = from_f<TS>(0.f);
+          for (int k = tid / kThreads; k < nt; k += kSplit) {
+            st.u[k][col] = zero;
+            st.dt[k][col] = zero;
+            st.z[k][col] = zero;
+          }
+        }
+      }
+      // bf16, B / C rows: groups of 8 states per cp.async when aligned (ragged tail zero-filled).
+      int const halves = (kMode == Mode::kWrite) ? 2 : 1;  // kReduce needs no C
+      if (p.vec_bc) {
+        int const gN = (N + 7) / 8;
+        int const per_row = halves * gN;
+        for (int i = tid; i < nt * per_row; i += kBlock) {
+          int const k = i / per_row, j = i - k * per_row;
+          bool const is_c = j >= gN;
+          int const g = is_c ? j - gN : j;
+          std::int64_t const row = row0 + t + k;
+          TS const* src = (is_c ? a.C + row * a.ld_C : a.B + row * a.ld_B) + 8 * g;
+          cp_async16(&st.bc[k][(is_c ? kN : 0) + 8 * g], src,
+                     min(8, N - 8 * g) * static_cast<int>(sizeof(TS)));
+        }
+      } else {
+        int const per_row = halves * N;
+        for (int i = tid; i < nt * per_row; i += kBlock) {
+          int const k = i / per_row, j = i - k * per_row;
+          std::int64_t const row = row0 + t + k;
+          TS const* src = j < N ? a.B + row * a.ld_B + j : a.C + row * a.ld_C + (j - N);
+          st.bc[k][j < N ? j : kN + (j - N)] = *src;
+        }
+      }
     }
     __pipeline_commit();
   };
 
+  // B_t / C_t row k of the current tile as float: the stage itself (float) or the converted
+  // copy (bf16).
+  auto bc_row = [&](Stage<kN, TS> const& st, int k) -> float const* {
+    if constexpr (kFloat) return st.bc[k];
+    else return bcf->bc[k];
+  };
+
   // kExact path, one tile. kGuarded: a partial tile (steps >= nt skipped).
-  auto tile_exact = [&](Stage<kN> const& st, int t, auto guarded) {
+  auto tile_exact = [&](Stage<kN, TS> const& st, int t, auto guarded) {
     constexpr bool kGuarded = decltype(guarded)::value;
     int const nt = min(kTileT, t1 - t);
     float dtv[kTileT], uv[kTileT];
 #pragma unroll
     for (int k = 0; k < kTileT; ++k) {
       if (!kGuarded || k < nt) {
-        float dt = st.dt[k][ch] + bias;
+        float dt = to_f(st.dt[k][ch]) + bias;
         if (a.delta_softplus) dt = softplus_dev(dt);
         dtv[k] = dt;
-        uv[k] = st.u[k][ch];
+        uv[k] = to_f(st.u[k][ch]);
       }
     }
     float yv[kTileT];
@@ -221,7 +422,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit) scan_chunk(ScanParams
         float const du = dtv[k] * uv[k];
         float y0 = 0.f, y1 = 0.f;
         // B_t, C_t: the same for every thread (broadcast), read 16 bytes at a time.
-        float4 const* bc4 = reinterpret_cast<float4 const*>(&st.bc[k][n0]);
+        float4 const* bc4 = reinterpret_cast<float4 const*>(bc_row(st, k) + n0);
 #pragma unroll
         for (int q = 0; q < kNT / 4; ++q) {
           float4 const B4 = bc4[q];
@@ -244,7 +445,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit) scan_chunk(ScanParams
       }
     }
     if constexpr (kMode == Mode::kWrite) {
-      float* po = a.out + (row0 + t) * a.ld_out + d;
+      TS* po = a.out + (row0 + t) * a.ld_out + d;
 #pragma unroll
       for (int k = 0; k < kTileT; ++k) {
         if (!kGuarded || k < nt) {
@@ -253,10 +454,10 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit) scan_chunk(ScanParams
           for (int m = 1; m < kSplit; m <<= 1) y += __shfl_xor_sync(0xffffffffu, y, m);
           y = fmaf(Dd, uv[k], y);
           if (has_z) {
-            float const zz = st.z[k][ch];
+            float const zz = to_f(st.z[k][ch]);
             y = __fdividef(y * zz, 1.f + __expf(-zz));
           }
-          if (active && sub == 0) *po = y;
+          if (active && sub == 0) *po = from_f<TS>(y);
           po += a.ld_out;
         }
       }
@@ -264,31 +465,32 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit) scan_chunk(ScanParams
   };
 
   // General d_state (<= kN, guarded), one tile: the plain step loop.
-  auto tile_general = [&](Stage<kN> const& st, int t, int nt) {
+  auto tile_general = [&](Stage<kN, TS> const& st, int t, int nt) {
 #pragma unroll 2
     for (int k = 0; k < nt; ++k) {
-      float dt = st.dt[k][ch] + bias;
+      float const* bck = bc_row(st, k);
+      float dt = to_f(st.dt[k][ch]) + bias;
       if (a.delta_softplus) dt = softplus_dev(dt);
-      float const u = st.u[k][ch];
+      float const u = to_f(st.u[k][ch]);
       float const du = dt * u;
       float y0 = 0.f, y1 = 0.f;
 #pragma unroll
       for (int n = 0; n < kNT; ++n) {
         if (n < N) {
-          h[n] = fmaf(ex2_approx(dt * A2[n]), h[n], du * st.bc[k][n]);
+          h[n] = fmaf(ex2_approx(dt * A2[n]), h[n], du * bck[n]);
           if constexpr (kMode == Mode::kWrite) {
-            if (n & 1) y1 = fmaf(h[n], st.bc[k][kN + n], y1);
-            else y0 = fmaf(h[n], st.bc[k][kN + n], y0);
+            if (n & 1) y1 = fmaf(h[n], bck[kN + n], y1);
+            else y0 = fmaf(h[n], bck[kN + n], y0);
           }
         }
       }
       if constexpr (kMode == Mode::kWrite) {
         float y = y0 + y1 + Dd * u;
         if (has_z) {
-          float const zz = st.z[k][ch];
+          float const zz = to_f(st.z[k][ch]);
           y = __fdividef(y * zz, 1.f + __expf(-zz));
         }
-        a.out[(row0 + t + k) * a.ld_out + d] = y;
+        a.out[(row0 + t + k) * a.ld_out + d] = from_f<TS>(y);
       } else {
         dsum += dt;
       }
@@ -305,8 +507,19 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit) scan_chunk(ScanParams
       __pipeline_wait_prior(0);
     }
     __syncthreads();
-    Stage<kN> const& st = stages[s];
+    Stage<kN, TS> const& st = stages[s];
     int const nt = min(kTileT, t1 - t);
+    if constexpr (!kFloat) {
+      // bf16: this tile's B / C rows to float, once for the block (the previous tile's
+      // readers are past the trailing __syncthreads of the last iteration).
+      int const per_row = (kMode == Mode::kWrite) ? 2 * N : N;
+      for (int i = tid; i < nt * per_row; i += kBlock) {
+        int const k = i / per_row, j = i - k * per_row;
+        int const cj = j < N ? j : kN + (j - N);
+        bcf->bc[k][cj] = to_f(st.bc[k][cj]);
+      }
+      __syncthreads();
+    }
     if constexpr (kExact) {
       if (nt == kTileT)
         tile_exact(st, t, std::integral_constant<bool, false>{});
@@ -338,8 +551,8 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit) scan_chunk(ScanParams
 
 /// Phase 2 of Chunked: a thread per (batch, channel). On entry slot c (c < n_chunks-1) holds
 /// chunk c's end state from zero; on exit every slot c holds chunk c's carried-in state.
-template <int kN>
-MAMBABYTE_KERNEL void __launch_bounds__(kThreads) carry_chunks(ScanParams const p) {
+template <int kN, class TS = float>
+MAMBABYTE_KERNEL void __launch_bounds__(kThreads) carry_chunks(ScanParams<TS> const p) {
   auto const& a = p.a;
   int const N = a.d_state;
   int const d = blockIdx.x * kThreads + threadIdx.x;
@@ -387,35 +600,40 @@ inline std::size_t chunked_workspace_bytes(int batch, int length, int d_inner, i
   return static_cast<std::size_t>(batch) * chunks * d_inner * (d_state + 1) * sizeof(float);
 }
 
-template <int kN, bool kExact, int kSplit, Mode kMode>
+template <int kN, bool kExact, int kSplit, Mode kMode, class TS = float>
 auto* prepare_scan_kernel() {
-  constexpr std::size_t smem = 2 * sizeof(Stage<kN>);
+  constexpr std::size_t smem = scan_smem_bytes<kN, TS>();
   static_assert(smem <= 227 * 1024, "stage too large");
-  auto* fn = &kernel::scan_chunk<kN, kExact, kSplit, kMode>;
+  auto* fn = &kernel::scan_chunk<kN, kExact, kSplit, kMode, TS>;
   if constexpr (smem > 48 * 1024)
     MAMBABYTE_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(smem)));
   return fn;
 }
 
-template <int kN, bool kExact, int kSplit, Mode kMode>
-void launch_scan(ScanParams const& p, dim3 grid, cudaStream_t stream) {
-  auto* fn = prepare_scan_kernel<kN, kExact, kSplit, kMode>();
-  fn<<<grid, kThreads * kSplit, 2 * sizeof(Stage<kN>), stream>>>(p);
+template <int kN, bool kExact, int kSplit, Mode kMode, class TS>
+void launch_scan(ScanParams<TS> const& p, dim3 grid, cudaStream_t stream) {
+  auto* fn = prepare_scan_kernel<kN, kExact, kSplit, kMode, TS>();
+  fn<<<grid, kThreads * kSplit, scan_smem_bytes<kN, TS>(), stream>>>(p);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
 }
 
 /// chunk_len >= length: one chunk (no workspace). split_single: threads per channel for that
 /// single-chunk launch (kExact only; 1 or kSplitSequential).
-template <int kN, bool kExact>
-void run_impl(ssm::SelectiveScanArguments<float> const& a, int chunk_len, void* ws,
-              bool split_single, cudaStream_t stream) {
+template <int kN, bool kExact, class TS>
+void run_impl(MixedScanArguments<TS> const& a, int chunk_len, void* ws, bool split_single,
+              cudaStream_t stream) {
   int const blocks_d = (a.d_inner + kThreads - 1) / kThreads;
   int const n_chunks = (a.length + chunk_len - 1) / chunk_len;
   require(a.batch <= 65535 && n_chunks <= 65535, "selective scan (CUDA): batch ", a.batch,
           " or chunk count ", n_chunks, " exceeds the grid limit 65535 (use longer chunks)");
-  ScanParams p;
+  ScanParams<TS> p;
   p.a = a;
+  if constexpr (!std::is_same_v<TS, float>) {
+    p.vec_x = rows_aligned16(a.u, a.ld_u) && rows_aligned16(a.delta, a.ld_delta) &&
+              rows_aligned16(a.z, a.ld_z);
+    p.vec_bc = rows_aligned16(a.B, a.ld_B) && rows_aligned16(a.C, a.ld_C);
+  }
   std::int64_t const DN = static_cast<std::int64_t>(a.d_inner) * a.d_state;
   StateView init{const_cast<float*>(a.initial_state), DN, 0, a.d_state, 1};
   StateView fin{a.final_state, DN, 0, a.d_state, 1};
@@ -442,15 +660,17 @@ void run_impl(ssm::SelectiveScanArguments<float> const& a, int chunk_len, void* 
   p.dsum = static_cast<float*>(ws) + static_cast<std::size_t>(a.batch) * n_chunks * DN;
   p.h_out = slots;
   launch_scan<kN, kExact, 1, Mode::kReduce>(p, dim3(blocks_d, n_chunks - 1, a.batch), stream);
-  kernel::carry_chunks<kN><<<dim3(blocks_d, 1, a.batch), kThreads, 0, stream>>>(p);
+  kernel::carry_chunks<kN, TS><<<dim3(blocks_d, 1, a.batch), kThreads, 0, stream>>>(p);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
   p.h_in = slots;
   p.h_out = fin;
   launch_scan<kN, kExact, 1, Mode::kWrite>(p, dim3(blocks_d, n_chunks, a.batch), stream);
 }
 
-inline void run(ssm::SelectiveScanArguments<float> const& a, int chunk_len, void* ws,
-                bool split_single, Cuda const& be) {
+/// Runs the scan for float or bf16 storage (MixedScanArguments<float> is the float scan).
+template <class TS>
+void run(MixedScanArguments<TS> const& a, int chunk_len, void* ws, bool split_single, Cuda const& be) {
+  static_assert(is_scan_storage_v<TS>, "CUDA scan storage: float or __nv_bfloat16");
   ScopedDevice guard(be.device);
   if (a.d_state == 16)
     run_impl<16, true>(a, chunk_len, ws, split_single, be.stream);  // the model's d_state
@@ -458,18 +678,25 @@ inline void run(ssm::SelectiveScanArguments<float> const& a, int chunk_len, void
     run_impl<kMaxState, false>(a, chunk_len, ws, false, be.stream);
 }
 
-/// Resident blocks per SM of the chunked scans' write kernel (their occupancy limit).
-inline int chunk_blocks_per_sm(int d_state, int device) {
+inline void run(ssm::SelectiveScanArguments<float> const& a, int chunk_len, void* ws,
+                bool split_single, Cuda const& be) {
+  run(to_mixed(a), chunk_len, ws, split_single, be);
+}
+
+/// Resident blocks per SM of the chunked scans' write kernel (their occupancy limit), for
+/// storage type TS.
+template <class TS = float>
+int chunk_blocks_per_sm(int d_state, int device) {
   ScopedDevice guard(device);
   int n = 0;
   if (d_state == 16) {
-    auto* fn = prepare_scan_kernel<16, true, 1, Mode::kWrite>();
+    auto* fn = prepare_scan_kernel<16, true, 1, Mode::kWrite, TS>();
     MAMBABYTE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &n, fn, kThreads, 2 * sizeof(Stage<16>)));
+        &n, fn, kThreads, scan_smem_bytes<16, TS>()));
   } else {
-    auto* fn = prepare_scan_kernel<kMaxState, false, 1, Mode::kWrite>();
+    auto* fn = prepare_scan_kernel<kMaxState, false, 1, Mode::kWrite, TS>();
     MAMBABYTE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &n, fn, kThreads, 2 * sizeof(Stage<kMaxState>)));
+        &n, fn, kThreads, scan_smem_bytes<kMaxState, TS>()));
   }
   return std::max(n, 1);
 }
@@ -479,6 +706,12 @@ inline int sm_count(int device) {
   MAMBABYTE_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
   return n;
 }
+
+/// The Arguments of SelectiveScan<Cuda, TS, *>: the ssm struct for float (unchanged API), the
+/// mixed one for bf16.
+template <class TS>
+using ArgumentsFor = std::conditional_t<std::is_same_v<TS, float>, ssm::SelectiveScanArguments<float>,
+                                        MixedScanArguments<TS>>;
 
 }  // namespace mambabyte::backend::cuda::scan_detail
 
@@ -503,10 +736,11 @@ inline int resolve_auto_cuda(int batch, int length, int d_inner, int wave) {
   return chunk >= length ? 0 : static_cast<int>(chunk);
 }
 
-/// Common part of the CUDA specialisations (float only).
-template <class Derived>
+/// Common part of the CUDA specialisations: TS = float (Arguments = SelectiveScanArguments<float>)
+/// or __nv_bfloat16 (Arguments = backend::cuda::MixedScanArguments<__nv_bfloat16>).
+template <class Derived, class TS = float>
 struct CudaSelectiveScanBase {
-  using Arguments = SelectiveScanArguments<float>;
+  using Arguments = backend::cuda::scan_detail::ArgumentsFor<TS>;
   static Status can_implement(Arguments const& a) {
     Status const st = validate(a);
     if (st != Status::kSuccess) return st;
@@ -528,23 +762,27 @@ struct CudaSelectiveScanBase {
   }
 };
 
-template <>
-struct SelectiveScan<backend::Cuda, float, scan::Sequential>
-    : CudaSelectiveScanBase<SelectiveScan<backend::Cuda, float, scan::Sequential>> {
-  using Base = CudaSelectiveScanBase<SelectiveScan>;
+template <class TS>
+struct SelectiveScan<backend::Cuda, TS, scan::Sequential,
+                     std::enable_if_t<backend::cuda::is_scan_storage_v<TS>>>
+    : CudaSelectiveScanBase<SelectiveScan<backend::Cuda, TS, scan::Sequential>, TS> {
+  using Base = CudaSelectiveScanBase<SelectiveScan, TS>;
+  using typename Base::Arguments;
   using Base::run;
   static std::size_t workspace_bytes(Arguments const&, backend::Cuda const&) { return 0; }
   static void run(Arguments const& a, void*, backend::Cuda const& be) {
-    check(a);
+    Base::check(a);
     if (a.batch == 0 || a.length == 0) return;
-    backend::cuda::scan_detail::run(a, a.length, nullptr, /*split_single=*/true, be);
+    backend::cuda::scan_detail::run(backend::cuda::to_mixed(a), a.length, nullptr,
+                                    /*split_single=*/true, be);
   }
 };
 
-template <int ChunkLen>
-struct SelectiveScan<backend::Cuda, float, scan::Chunked<ChunkLen>>
-    : CudaSelectiveScanBase<SelectiveScan<backend::Cuda, float, scan::Chunked<ChunkLen>>> {
-  using Base = CudaSelectiveScanBase<SelectiveScan>;
+template <class TS, int ChunkLen>
+struct SelectiveScan<backend::Cuda, TS, scan::Chunked<ChunkLen>,
+                     std::enable_if_t<backend::cuda::is_scan_storage_v<TS>>>
+    : CudaSelectiveScanBase<SelectiveScan<backend::Cuda, TS, scan::Chunked<ChunkLen>>, TS> {
+  using Base = CudaSelectiveScanBase<SelectiveScan, TS>;
   using typename Base::Arguments;
   using Base::run;
   static std::size_t workspace_bytes(Arguments const& a, backend::Cuda const&) {
@@ -554,22 +792,25 @@ struct SelectiveScan<backend::Cuda, float, scan::Chunked<ChunkLen>>
   static void run(Arguments const& a, void* ws, backend::Cuda const& be) {
     Base::check(a);
     if (a.batch == 0 || a.length == 0) return;
-    backend::cuda::scan_detail::run(a, ChunkLen, ws, /*split_single=*/true, be);
+    backend::cuda::scan_detail::run(backend::cuda::to_mixed(a), ChunkLen, ws,
+                                    /*split_single=*/true, be);
   }
 };
 
-/// scan::Auto: resolve_auto_cuda() picks Sequential or a chunk length on the host.
-template <>
-struct SelectiveScan<backend::Cuda, float, scan::Auto>
-    : CudaSelectiveScanBase<SelectiveScan<backend::Cuda, float, scan::Auto>> {
-  using Base = CudaSelectiveScanBase<SelectiveScan>;
+/// scan::Auto: resolve_auto_cuda() picks Sequential or a chunk length on the host (the wave
+/// from the occupancy of the storage type's own kernel).
+template <class TS>
+struct SelectiveScan<backend::Cuda, TS, scan::Auto, std::enable_if_t<backend::cuda::is_scan_storage_v<TS>>>
+    : CudaSelectiveScanBase<SelectiveScan<backend::Cuda, TS, scan::Auto>, TS> {
+  using Base = CudaSelectiveScanBase<SelectiveScan, TS>;
+  using typename Base::Arguments;
   using Base::run;
   /// Chunk length Auto uses for these arguments (0: Sequential).
   static int choose(Arguments const& a, backend::Cuda const& be) {
     if (a.batch <= 0 || a.length <= 0) return 0;
     namespace sd = backend::cuda::scan_detail;
     return resolve_auto_cuda(a.batch, a.length, a.d_inner,
-                             sd::sm_count(be.device) * sd::chunk_blocks_per_sm(a.d_state, be.device));
+                             sd::sm_count(be.device) * sd::chunk_blocks_per_sm<TS>(a.d_state, be.device));
   }
   static std::size_t workspace_bytes(Arguments const& a, backend::Cuda const& be) {
     int const chunk = choose(a, be);
@@ -578,11 +819,12 @@ struct SelectiveScan<backend::Cuda, float, scan::Auto>
                             a.batch, a.length, a.d_inner, a.d_state, chunk);
   }
   static void run(Arguments const& a, void* ws, backend::Cuda const& be) {
-    check(a);
+    Base::check(a);
     if (a.batch == 0 || a.length == 0) return;
     int const chunk = choose(a, be);
     // One chunk here means the channel blocks fill the SMs: no split (fewer instructions).
-    backend::cuda::scan_detail::run(a, chunk == 0 ? a.length : chunk, ws, /*split_single=*/false, be);
+    backend::cuda::scan_detail::run(backend::cuda::to_mixed(a), chunk == 0 ? a.length : chunk, ws,
+                                    /*split_single=*/false, be);
   }
 };
 

@@ -33,6 +33,17 @@
  *    + batch x S x d_inner x (d_state + 2) (parameter partials)
  *    + (S > 1) batch x S x d_inner x (2 d_state + 1) (segment states, carries, delta sums).
  *  About 1.6 GB at (8, 2048, 8192, 16). d_state <= 32 (16: exact fast path); more: kUnsupported.
+ *
+ *  bf16 storage: ssm::SelectiveScanBackward<backend::Cuda, __nv_bfloat16, Policy> (same
+ *  policies) takes backend::cuda::MixedScanBackwardArguments<__nv_bfloat16>: the activations
+ *  (u, delta, B, C, z, dout) and the activation gradients (du, ddelta, dB, dC, dz, out) are
+ *  __nv_bfloat16; the parameters (A, D, delta_bias), the states (initial_state, dfinal_state,
+ *  dinitial_state), the parameter gradients (dA, dD, ddelta_bias) and the workspace float.
+ *  The kernels are the float ones templated on the storage type TS: loads widen to fp32 (all
+ *  math, recomputed states and accumulators fp32), stores round to bf16 once (dB / dC after
+ *  the fp32 reduction over channels). The float specialisations map their
+ *  ssm::SelectiveScanBackwardArguments<float> onto MixedScanBackwardArguments<float>, whose
+ *  code is the fp32 path unchanged.
  */
 #pragma once
 
@@ -40,11 +51,13 @@
 #error "backend/cuda headers need nvcc; include <mambabyte/cuda.hpp> from a .cu file"
 #endif
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "mambabyte/backend/cuda/common.cuh"
 #include "mambabyte/backend/cuda/selective_scan.cuh"
@@ -52,129 +65,522 @@
 #include "mambabyte/policy/policy.hpp"
 #include "mambabyte/ssm/selective_scan_backward.hpp"
 
+namespace mambabyte::backend::cuda {
+
+/// Arguments of the CUDA scan backward with activations and activation gradients stored as TS
+/// (float or __nv_bfloat16), parameters, states and parameter gradients in float. Same fields,
+/// meaning and conventions as ssm::SelectiveScanBackwardArguments (see
+/// ssm/selective_scan_backward.hpp); all pointers are device memory.
+template <class TS>
+struct MixedScanBackwardArguments {
+  int batch = 0, length = 0, d_inner = 0, d_state = 0;
+  // ---- forward inputs (as given to the forward) ----
+  TS const* u = nullptr;          std::int64_t ld_u = 0;      ///< (batch, length, d_inner)
+  TS const* delta = nullptr;      std::int64_t ld_delta = 0;  ///< (batch, length, d_inner), before bias
+  float const* delta_bias = nullptr;                          ///< (d_inner) or null
+  bool delta_softplus = true;
+  float const* A = nullptr;                                   ///< (d_inner, d_state)
+  TS const* B = nullptr;          std::int64_t ld_B = 0;      ///< (batch, length, d_state)
+  TS const* C = nullptr;          std::int64_t ld_C = 0;      ///< (batch, length, d_state)
+  float const* D = nullptr;                                   ///< (d_inner) or null
+  TS const* z = nullptr;          std::int64_t ld_z = 0;      ///< (batch, length, d_inner) or null
+  float const* initial_state = nullptr;                       ///< (batch, d_inner, d_state) or null
+  // ---- incoming gradients ----
+  TS const* dout = nullptr;       std::int64_t ld_dout = 0;   ///< dL/dout (batch, length, d_inner)
+  float const* dfinal_state = nullptr;                        ///< (batch, d_inner, d_state) or null
+  // ---- activation gradients: written ----
+  TS* du = nullptr;               std::int64_t ld_du = 0;     ///< (batch, length, d_inner)
+  TS* ddelta = nullptr;           std::int64_t ld_ddelta = 0; ///< w.r.t. the raw delta
+  TS* dB = nullptr;               std::int64_t ld_dB = 0;     ///< (batch, length, d_state)
+  TS* dC = nullptr;               std::int64_t ld_dC = 0;     ///< (batch, length, d_state)
+  TS* dz = nullptr;               std::int64_t ld_dz = 0;     ///< required when z is given
+  float* dinitial_state = nullptr;                            ///< (batch, d_inner, d_state) or null
+  TS* out = nullptr;              std::int64_t ld_out = 0;    ///< optional: the forward output, recomputed
+  // ---- parameter gradients: accumulated (+=) over batch and time ----
+  float* dA = nullptr;                                        ///< (d_inner, d_state), required
+  float* dD = nullptr;                                        ///< (d_inner) or null; needs D
+  float* ddelta_bias = nullptr;                               ///< (d_inner) or null; needs delta_bias
+
+  /// The forward inputs of `f` (its outputs out / final_state are not copied).
+  static MixedScanBackwardArguments from_forward(MixedScanArguments<TS> const& f) {
+    MixedScanBackwardArguments a;
+    a.batch = f.batch; a.length = f.length; a.d_inner = f.d_inner; a.d_state = f.d_state;
+    a.u = f.u; a.ld_u = f.ld_u;
+    a.delta = f.delta; a.ld_delta = f.ld_delta; a.delta_bias = f.delta_bias; a.delta_softplus = f.delta_softplus;
+    a.A = f.A;
+    a.B = f.B; a.ld_B = f.ld_B;
+    a.C = f.C; a.ld_C = f.ld_C;
+    a.D = f.D;
+    a.z = f.z; a.ld_z = f.ld_z;
+    a.initial_state = f.initial_state;
+    return a;
+  }
+
+  /// The forward arguments these inputs describe (out / final_state as given).
+  MixedScanArguments<TS> forward(TS* fwd_out, std::int64_t ld_fwd_out, float* final_state = nullptr) const {
+    MixedScanArguments<TS> f;
+    f.batch = batch; f.length = length; f.d_inner = d_inner; f.d_state = d_state;
+    f.u = u; f.ld_u = ld_u; f.delta = delta; f.ld_delta = ld_delta; f.delta_bias = delta_bias;
+    f.delta_softplus = delta_softplus; f.A = A; f.B = B; f.ld_B = ld_B; f.C = C; f.ld_C = ld_C;
+    f.D = D; f.z = z; f.ld_z = ld_z; f.out = fwd_out; f.ld_out = ld_fwd_out;
+    f.initial_state = initial_state; f.final_state = final_state;
+    return f;
+  }
+};
+
+/// The checks of ssm::validate(SelectiveScanBackwardArguments) for the mixed arguments.
+template <class TS>
+Status validate(MixedScanBackwardArguments<TS> const& a) {
+  if (a.batch < 0 || a.length < 0 || a.d_inner <= 0 || a.d_state <= 0) return Status::kInvalidArgument;
+  if (!a.A || !a.dA) return Status::kInvalidArgument;
+  if (a.dD && !a.D) return Status::kInvalidArgument;
+  if (a.ddelta_bias && !a.delta_bias) return Status::kInvalidArgument;
+  if (a.batch == 0 || a.length == 0) return Status::kSuccess;
+  if (!a.u || !a.delta || !a.B || !a.C || !a.dout) return Status::kInvalidArgument;
+  if (!a.du || !a.ddelta || !a.dB || !a.dC) return Status::kInvalidArgument;
+  if (a.z && !a.dz) return Status::kInvalidArgument;
+  if (a.dz && !a.z) return Status::kInvalidArgument;
+  if (a.ld_u < a.d_inner || a.ld_delta < a.d_inner || a.ld_dout < a.d_inner || a.ld_du < a.d_inner ||
+      a.ld_ddelta < a.d_inner)
+    return Status::kInvalidArgument;
+  if (a.ld_B < a.d_state || a.ld_C < a.d_state || a.ld_dB < a.d_state || a.ld_dC < a.d_state)
+    return Status::kInvalidArgument;
+  if (a.z && (a.ld_z < a.d_inner || a.ld_dz < a.d_inner)) return Status::kInvalidArgument;
+  if (a.out && a.ld_out < a.d_inner) return Status::kInvalidArgument;
+  return Status::kSuccess;
+}
+
+/// The float backward arguments as MixedScanBackwardArguments<float> (field by field).
+inline MixedScanBackwardArguments<float> to_mixed(ssm::SelectiveScanBackwardArguments<float> const& f) {
+  MixedScanBackwardArguments<float> a;
+  a.batch = f.batch; a.length = f.length; a.d_inner = f.d_inner; a.d_state = f.d_state;
+  a.u = f.u; a.ld_u = f.ld_u;
+  a.delta = f.delta; a.ld_delta = f.ld_delta; a.delta_bias = f.delta_bias; a.delta_softplus = f.delta_softplus;
+  a.A = f.A;
+  a.B = f.B; a.ld_B = f.ld_B;
+  a.C = f.C; a.ld_C = f.ld_C;
+  a.D = f.D;
+  a.z = f.z; a.ld_z = f.ld_z;
+  a.initial_state = f.initial_state;
+  a.dout = f.dout; a.ld_dout = f.ld_dout;
+  a.dfinal_state = f.dfinal_state;
+  a.du = f.du; a.ld_du = f.ld_du;
+  a.ddelta = f.ddelta; a.ld_ddelta = f.ld_ddelta;
+  a.dB = f.dB; a.ld_dB = f.ld_dB;
+  a.dC = f.dC; a.ld_dC = f.ld_dC;
+  a.dz = f.dz; a.ld_dz = f.ld_dz;
+  a.dinitial_state = f.dinitial_state;
+  a.out = f.out; a.ld_out = f.ld_out;
+  a.dA = f.dA; a.dD = f.dD; a.ddelta_bias = f.ddelta_bias;
+  return a;
+}
+inline MixedScanBackwardArguments<float> const& to_mixed(MixedScanBackwardArguments<float> const& a) { return a; }
+inline MixedScanBackwardArguments<__nv_bfloat16> const& to_mixed(MixedScanBackwardArguments<__nv_bfloat16> const& a) {
+  return a;
+}
+
+}  // namespace mambabyte::backend::cuda
+
 namespace mambabyte::backend::cuda::scan_bwd_detail {
 
+using scan_detail::cp_async16;
 using scan_detail::ex2_approx;
+using scan_detail::from_f;
+using scan_detail::load_f;
+using scan_detail::rows_aligned16;
 using scan_detail::softplus_dev;
+using scan_detail::to_f;
 
-inline constexpr int kBwdThreads = 32;   ///< channels per block (one thread each): one warp
-inline constexpr int kBwdChunk = 8;      ///< checkpoint interval = recompute chunk (steps)
-inline constexpr int kBwdMaxState = 32;  ///< largest d_state supported
-inline constexpr int kWarps = kBwdThreads / 32;
+inline constexpr int kBwdSplit = 2;                       ///< threads per channel (kN / 2 states each)
+inline constexpr int kBwdCh = 64;                         ///< channels per block
+inline constexpr int kBwdThreads = kBwdCh * kBwdSplit;    ///< threads per block (4 warps)
+inline constexpr int kBwdWarps = kBwdThreads / 32;
+inline constexpr int kBwdChunk = 4;                       ///< checkpoint interval = recompute chunk (steps)
+inline constexpr int kBwdTile = 2 * kBwdChunk;            ///< steps per staged tile
+inline constexpr int kBwdMaxState = 32;                   ///< largest d_state supported
+/// Occupancy bounds given to ptxas (resident blocks per SM): the local pass needs few
+/// registers; the scan keeps K x d_state/2 recomputed states per thread in registers.
+inline constexpr int kLocalMinBlocks = 5;
+inline constexpr int kScanMinBlocks = 4;
 
+template <class TS = float>
 struct BwdParams {
-  ssm::SelectiveScanBackwardArguments<float> a;
-  int n_chunks = 0;
-  int blocks_d = 0;
-  float* ck = nullptr;     ///< [batch][n_chunks][d_state][d_inner]
-  float* bc = nullptr;     ///< [blocks_d][batch][length][2 kN]
+  MixedScanBackwardArguments<TS> a;
+  int n_chunks = 0;        ///< chunks of kBwdChunk steps over the whole length
+  int blocks_d = 0;        ///< channel blocks (kBwdCh channels each)
+  float* ck = nullptr;     ///< [batch][n_chunks][d_state][d_inner]: state entering each chunk (segment-local)
+  float* cum = nullptr;    ///< [batch][n_chunks][d_inner]: sum of deltas from the segment start (n_seg > 1)
+  float* bc = nullptr;     ///< [blocks_d][batch][length][2 kN]: dB / dC partial rows
   float* par = nullptr;    ///< [batch][n_seg][d_inner][d_state + 2]: dA, dD, dbias partials
   int n_seg = 1;           ///< time segments (time-parallel runs: > 1)
   int seg_chunks = 0;      ///< chunks per segment
-  float* Hs = nullptr;     ///< [batch][n_seg][d_state][d_inner]: state entering each segment
+  float* Hs = nullptr;     ///< [batch][n_seg][d_state][d_inner]: local end state -> state entering the segment
   float* Qs = nullptr;     ///< [batch][n_seg][d_state][d_inner]: adjoint carry entering from its end
   float* dsum = nullptr;   ///< [batch][n_seg][d_inner]: sum of deltas per segment
+  bool vec_x = false;      ///< u, delta, dout, z rows 16-byte aligned: 16-byte cp.async
+  bool vec_bc = false;     ///< B, C rows 16-byte aligned: 16-byte cp.async
 };
 
 inline int state_cap(int d_state) { return d_state <= 16 ? 16 : 32; }
 
-template <int kN>
-struct alignas(16) BwdSmem {
-  float hs[kBwdChunk + 1][kN][kBwdThreads];       ///< per-thread columns of chunk states
-  float red[kWarps][kBwdChunk][2 * kN];            ///< per-warp dB / dC sums of the chunk
-  float bc[kBwdChunk][2 * kN];                     ///< B_t then C_t rows of the chunk
+/// What a pass stages (bit masks for bwd_issue / bwd_cook).
+enum : unsigned { kLdU = 1u, kLdDelta = 2u, kLdDout = 4u, kLdZ = 8u, kLdB = 16u, kLdC = 32u };
+
+/// One tile of inputs as stored (TS): u, delta, dout, z columns of the block's channels, and
+/// the B_t, C_t rows (entries past d_state zero).
+template <int kN, class TS>
+struct alignas(16) BwdRaw {
+  TS x[4][kBwdTile][kBwdCh];
+  alignas(16) TS bc[kBwdTile][2 * kN];
 };
 
-namespace kernel {
+/// The tile widened to float, with every per-(step, channel) scalar computed once:
+/// dt = softplus(delta + bias), u, dy = dout silu(z), dzf (dz = y dzf), silu (out = y silu),
+/// dsc (softplus' derivative: dv = ddelta dsc).
+template <int kN>
+struct alignas(16) BwdCooked {
+  float dt[kBwdTile][kBwdCh];
+  float u[kBwdTile][kBwdCh];
+  float dy[kBwdTile][kBwdCh];
+  float dzf[kBwdTile][kBwdCh];
+  float silu[kBwdTile][kBwdCh];
+  float dsc[kBwdTile][kBwdCh];
+  alignas(16) float bc[kBwdTile][2 * kN];
+};
 
-/// Pass 1: forward recurrence, the state entering chunk c stored in ck[b][c][n][d].
-template <int kN, bool kExact>
-MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads) bwd_checkpoints(BwdParams const p) {
-  auto const& a = p.a;
-  int const N = kExact ? kN : a.d_state;
-  int const d = blockIdx.x * kBwdThreads + threadIdx.x;
-  int const b = blockIdx.z;
-  if (d >= a.d_inner) return;
-  constexpr float kLog2e = 1.4426950408889634f;
-  float A2[kN], h[kN];
-  std::int64_t const sN = static_cast<std::int64_t>(a.d_inner) * N;
-#pragma unroll
-  for (int n = 0; n < kN; ++n) {
-    A2[n] = n < N ? a.A[static_cast<std::int64_t>(d) * N + n] * kLog2e : 0.f;
-    if (p.n_seg > 1)
-      h[n] = n < N ? p.Hs[(static_cast<std::int64_t>(b) * p.n_seg + blockIdx.y) * sN + static_cast<std::int64_t>(n) * a.d_inner + d] : 0.f;
-    else
-      h[n] = (n < N && a.initial_state) ? a.initial_state[b * sN + static_cast<std::int64_t>(d) * N + n] : 0.f;
-  }
-  float const bias = a.delta_bias ? a.delta_bias[d] : 0.f;
-  std::int64_t const row0 = static_cast<std::int64_t>(b) * a.length;
-  int const c_begin = blockIdx.y * p.seg_chunks;
-  int const c_end = min(p.n_chunks, c_begin + p.seg_chunks);
-  for (int c = c_begin; c < c_end; ++c) {
-    bool const last = c + 1 == c_end;
-    int const t0 = c * kBwdChunk;
-    // The chunk's inputs first (independent loads, one latency per chunk), then the store.
-    float dtv[kBwdChunk], uv[kBwdChunk];
-    if (!last) {
-#pragma unroll
-      for (int k = 0; k < kBwdChunk; ++k) {  // full chunk: only the last one can be partial
-        std::int64_t const row = row0 + t0 + k;
-        dtv[k] = __ldg(a.delta + row * a.ld_delta + d);
-        uv[k] = __ldg(a.u + row * a.ld_u + d);
-      }
+template <int kN, class TS>
+struct alignas(16) BwdLocalSmem {
+  BwdRaw<kN, TS> raw;
+  BwdCooked<kN> ck;
+};
+
+template <int kN, class TS>
+struct alignas(16) BwdScanSmem {
+  BwdRaw<kN, TS> raw;
+  BwdCooked<kN> ck;
+  float red[2][kBwdWarps][kBwdChunk][2 * kN];  ///< per-warp dB / dC sums of a chunk (two parities)
+};
+
+/// Copies rows [0, nt) x kBwdCh columns of one (batch, length, d_inner)-shaped tensor, starting
+/// at `src` (row t of the tile, channel d0) with leading dimension ld, into dst[kBwdTile][kBwdCh]
+/// (columns past `valid_cols` zero-filled). vec: 16-byte cp.async (rows 16-byte aligned).
+template <class TS>
+__device__ __forceinline__ void bwd_copy_cols(TS (&dst)[kBwdTile][kBwdCh], TS const* src, std::int64_t ld, int nt,
+                                              int valid_cols, bool vec) {
+  unsigned const tid = threadIdx.x;
+  if (vec) {
+    constexpr unsigned E = 16 / sizeof(TS);  // elements per 16-byte group
+    constexpr unsigned G = kBwdCh / E;       // groups per row
+    for (unsigned i = tid; i < static_cast<unsigned>(nt) * G; i += kBwdThreads) {
+      unsigned const k = i / G, g = i % G;
+      int const valid = min(static_cast<int>(E), valid_cols - static_cast<int>(g * E));
+      TS* dptr = &dst[k][g * E];
+      if (valid > 0)
+        cp_async16(dptr, src + k * ld + g * E, valid * static_cast<int>(sizeof(TS)));
+      else
+        *reinterpret_cast<uint4*>(dptr) = make_uint4(0u, 0u, 0u, 0u);
     }
-    float* dst = p.ck + (static_cast<std::int64_t>(b) * p.n_chunks + c) * sN + d;
-#pragma unroll
-    for (int n = 0; n < kN; ++n)
-      if (n < N) dst[static_cast<std::int64_t>(n) * a.d_inner] = h[n];
-    if (last) break;
-#pragma unroll
-    for (int k = 0; k < kBwdChunk; ++k) {
-      std::int64_t const row = row0 + t0 + k;
-      float dt = dtv[k] + bias;
-      if (a.delta_softplus) dt = softplus_dev(dt);
-      float const du = dt * uv[k];
-      float const* Bt = a.B + row * a.ld_B;
-#pragma unroll
-      for (int n = 0; n < kN; ++n)
-        if (n < N) h[n] = fmaf(ex2_approx(dt * A2[n]), h[n], du * __ldg(Bt + n));
+  } else {
+    for (unsigned i = tid; i < static_cast<unsigned>(nt) * kBwdCh; i += kBwdThreads) {
+      unsigned const k = i / kBwdCh, col = i % kBwdCh;
+      if (static_cast<int>(col) < valid_cols) {
+        if constexpr (std::is_same_v<TS, float>)
+          __pipeline_memcpy_async(&dst[k][col], src + k * ld + col, sizeof(float));
+        else
+          dst[k][col] = src[k * ld + col];
+      } else {
+        dst[k][col] = from_f<TS>(0.f);
+      }
     }
   }
 }
 
-/// One level of the reduce-scatter: lanes with bit S set keep the upper S values.
-template <int S>
-__device__ __forceinline__ void reduce_level(float (&v)[32], int lane) {
-  bool const upper = (lane & S) != 0;
+/// The same for a half row of B or C (d_state <= kN entries, the rest zero) into dst[k][0..kN).
+template <int kN, class TS>
+__device__ __forceinline__ void bwd_copy_state_rows(TS (&dst)[kBwdTile][2 * kN], int off, TS const* src,
+                                                    std::int64_t ld, int nt, int N, bool vec) {
+  unsigned const tid = threadIdx.x;
+  if (vec) {
+    constexpr unsigned E = 16 / sizeof(TS);
+    constexpr unsigned G = kN / E;  // groups per half row (kN multiple of 8)
+    for (unsigned i = tid; i < static_cast<unsigned>(nt) * G; i += kBwdThreads) {
+      unsigned const k = i / G, g = i % G;
+      int const valid = min(static_cast<int>(E), N - static_cast<int>(g * E));
+      TS* dptr = &dst[k][off + g * E];
+      if (valid > 0)
+        cp_async16(dptr, src + k * ld + g * E, valid * static_cast<int>(sizeof(TS)));
+      else
+        *reinterpret_cast<uint4*>(dptr) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  } else {
+    for (unsigned i = tid; i < static_cast<unsigned>(nt) * kN; i += kBwdThreads) {
+      unsigned const k = i / kN, j = i % kN;
+      if (static_cast<int>(j) < N) {
+        if constexpr (std::is_same_v<TS, float>)
+          __pipeline_memcpy_async(&dst[k][off + j], src + k * ld + j, sizeof(float));
+        else
+          dst[k][off + j] = src[k * ld + j];
+      } else {
+        dst[k][off + j] = from_f<TS>(0.f);
+      }
+    }
+  }
+}
+
+/// Issues the copies of tile rows [t, t + nt) of batch b into `st` (mask: which tensors) and
+/// commits them as one cp.async group. Columns past d_inner and B / C entries past d_state are
+/// zero-filled; a warp reads consecutive channels of a row.
+template <int kN, class TS>
+__device__ __forceinline__ void bwd_issue(BwdParams<TS> const& p, BwdRaw<kN, TS>& st, int b, int t, int nt,
+                                          unsigned mask) {
+  auto const& a = p.a;
+  int const d0 = blockIdx.x * kBwdCh;
+  int const vc = a.d_inner - d0;
+  std::int64_t const row = static_cast<std::int64_t>(b) * a.length + t;
+  if (mask & kLdU) bwd_copy_cols(st.x[0], a.u + row * a.ld_u + d0, a.ld_u, nt, vc, p.vec_x);
+  if (mask & kLdDelta) bwd_copy_cols(st.x[1], a.delta + row * a.ld_delta + d0, a.ld_delta, nt, vc, p.vec_x);
+  if (mask & kLdDout) bwd_copy_cols(st.x[2], a.dout + row * a.ld_dout + d0, a.ld_dout, nt, vc, p.vec_x);
+  if ((mask & kLdZ) && a.z) bwd_copy_cols(st.x[3], a.z + row * a.ld_z + d0, a.ld_z, nt, vc, p.vec_x);
+  if (mask & kLdB) bwd_copy_state_rows<kN>(st.bc, 0, a.B + row * a.ld_B, a.ld_B, nt, a.d_state, p.vec_bc);
+  if (mask & kLdC) bwd_copy_state_rows<kN>(st.bc, kN, a.C + row * a.ld_C, a.ld_C, nt, a.d_state, p.vec_bc);
+  __pipeline_commit();
+}
+
+/// Widens the staged tile into `ck`, computing each (step, channel) scalar once (a thread per
+/// column, `bias` its channel's delta bias). mask: as given to bwd_issue; kFull: also dzf,
+/// silu and dsc (the scan pass).
+template <bool kFull, int kN, class TS>
+__device__ __forceinline__ void bwd_cook(BwdParams<TS> const& p, BwdRaw<kN, TS> const& st, BwdCooked<kN>& ck,
+                                         int nt, float bias, unsigned mask) {
+  auto const& a = p.a;
+  int const tid = threadIdx.x;
+  int const col = tid % kBwdCh;
+  bool const has_z = a.z != nullptr;
+  for (int k = tid / kBwdCh; k < nt; k += kBwdThreads / kBwdCh) {
+    float const v = to_f(st.x[1][k][col]) + bias;
+    float const dt = a.delta_softplus ? softplus_dev(v) : v;
+    ck.dt[k][col] = dt;
+    if (mask & kLdU) ck.u[k][col] = to_f(st.x[0][k][col]);
+    if (mask & kLdDout) {
+      float const dout = to_f(st.x[2][k][col]);
+      float dy = dout, silu = 1.f, dzf = 0.f;
+      if (has_z) {
+        float const zz = to_f(st.x[3][k][col]);
+        float const sig = 1.f / (1.f + __expf(-zz));
+        silu = zz * sig;
+        dy = dout * silu;
+        dzf = dout * sig * (1.f + zz * (1.f - sig));
+      }
+      ck.dy[k][col] = dy;
+      if constexpr (kFull) {
+        ck.dzf[k][col] = dzf;
+        ck.silu[k][col] = silu;
+        ck.dsc[k][col] = (a.delta_softplus && v <= 20.f) ? __fdividef(1.f, 1.f + __expf(-v)) : 1.f;
+      }
+    }
+  }
+  int const lo = (mask & kLdB) ? 0 : kN;
+  int const hi = (mask & kLdC) ? 2 * kN : kN;
+  int const w = hi - lo;
+  for (int i = tid; i < nt * w; i += kBwdThreads) {
+    int const k = i / w, j = lo + (i - k * w);
+    ck.bc[k][j] = to_f(st.bc[k][j]);
+  }
+}
+
+/// One level of a reduce-scatter over lane bit M: lanes with the bit set keep the upper S values.
+template <int M, int S, int kV>
+__device__ __forceinline__ void scatter_level(float (&v)[kV], int lane) {
+  bool const upper = (lane & M) != 0;
 #pragma unroll
   for (int i = 0; i < S; ++i) {
     float const send = upper ? v[i] : v[i + S];
     float const keep = upper ? v[i + S] : v[i];
-    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, S);
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, M);
   }
 }
 
-/// Sums v[0..32) over the warp; lane l returns the sum of element l (reduce-scatter, 31 shuffles).
-__device__ __forceinline__ float warp_reduce_scatter(float (&v)[32], int lane) {
-  reduce_level<16>(v, lane);
-  reduce_level<8>(v, lane);
-  reduce_level<4>(v, lane);
-  reduce_level<2>(v, lane);
-  reduce_level<1>(v, lane);
+/// Sums v[0..kV) over the 16 lanes of a warp that share lane bit 0 (the warp's 16 channels,
+/// same half of the states). kV = 8: lane returns the sum of value bwd_scatter_index(lane)
+/// (lanes with bit 1 set hold duplicates); kV = 16: every lane a distinct one.
+template <int kV>
+__device__ __forceinline__ float bwd_warp_scatter(float (&v)[kV], int lane) {
+  static_assert(kV == 8 || kV == 16, "8 or 16 states per thread");
+  scatter_level<16, kV / 2>(v, lane);
+  scatter_level<8, kV / 4>(v, lane);
+  scatter_level<4, kV / 8>(v, lane);
+  if constexpr (kV == 16) scatter_level<2, 1>(v, lane);
+  else v[0] += __shfl_xor_sync(0xffffffffu, v[0], 2);
   return v[0];
 }
+template <int kV>
+__device__ __forceinline__ int bwd_scatter_index(int lane) {
+  if constexpr (kV == 8) return ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
+  else return ((lane >> 4) & 1) * 8 + ((lane >> 3) & 1) * 4 + ((lane >> 2) & 1) * 2 + ((lane >> 1) & 1);
+}
+template <int kV>
+__device__ __forceinline__ bool bwd_scatter_writer(int lane) {
+  if constexpr (kV == 8) return (lane & 2) == 0;
+  else return true;
+}
 
-/// Pass 2: per (batch, channel block), chunks last to first: recompute, reverse sweep.
-template <int kN, bool kExact>
-MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads) bwd_scan(BwdParams const p) {
-  constexpr int K = kBwdChunk;
+namespace kernel {
+
+/// Pass 1 (per batch, time segment, block of kBwdCh channels; two threads per channel):
+///  - forward recurrence over the segment, from initial_state (segment 0) or from zero, storing
+///    the state entering every kBwdChunk-step chunk in ck (and, time-parallel runs, the sum of
+///    deltas from the segment start in cum), the end state in Hs (all segments but the last)
+///    and the segment's sum of deltas in dsum;
+///  - segments > 0 of time-parallel runs: the adjoint recurrence from a zero carry backwards
+///    over the segment (needs only dy, C and the decays), a_t0 g_t0 into Qs.
+template <int kN, bool kExact, class TS = float>
+MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks : 2) bwd_local(BwdParams<TS> const p) {
+  constexpr int T = kBwdTile;
+  constexpr int kNT = kN / kBwdSplit;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  auto& sm = *reinterpret_cast<BwdSmem<kN>*>(smem_raw);
+  auto& sm = *reinterpret_cast<BwdLocalSmem<kN, TS>*>(smem_raw);
+  auto const& a = p.a;
+  int const N = kExact ? kN : a.d_state;
+  int const tid = threadIdx.x, ch = tid / kBwdSplit, sub = tid % kBwdSplit, n0 = sub * kNT;
+  int const d = blockIdx.x * kBwdCh + ch;
+  int const sg = blockIdx.y, b = blockIdx.z;
+  bool const active = d < a.d_inner;
+  int const dc = active ? d : a.d_inner - 1;
+  constexpr float kLog2e = 1.4426950408889634f;
+  std::int64_t const sN = static_cast<std::int64_t>(a.d_inner) * N;
+  int const t_begin = sg * p.seg_chunks * kBwdChunk;
+  int const t_end = min(a.length, t_begin + p.seg_chunks * kBwdChunk);
+  int const n_tiles = (t_end - t_begin + T - 1) / T;
+  int const colc = min(blockIdx.x * kBwdCh + tid % kBwdCh, a.d_inner - 1);  // cook column's channel
+  float const cbias = a.delta_bias ? a.delta_bias[colc] : 0.f;
+
+  float A2[kNT], h[kNT];
+#pragma unroll
+  for (int i = 0; i < kNT; ++i) {
+    int const n = n0 + i;
+    A2[i] = n < N ? a.A[static_cast<std::int64_t>(dc) * N + n] * kLog2e : 0.f;
+    h[i] = (sg == 0 && active && n < N && a.initial_state) ? a.initial_state[b * sN + static_cast<std::int64_t>(d) * N + n] : 0.f;
+  }
+  bool const store_cum = p.n_seg > 1;
+  float dsum = 0.f;
+
+  // ---- forward over the segment ----
+  constexpr unsigned kFwd = kLdU | kLdDelta | kLdB;
+  bwd_issue<kN>(p, sm.raw, b, t_begin, min(T, t_end - t_begin), kFwd);
+  for (int j = 0; j < n_tiles; ++j) {
+    int const tt = t_begin + j * T;
+    int const nt = min(T, t_end - tt);
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    bwd_cook<false>(p, sm.raw, sm.ck, nt, cbias, kFwd);
+    __syncthreads();
+    if (j + 1 < n_tiles) bwd_issue<kN>(p, sm.raw, b, tt + T, min(T, t_end - tt - T), kFwd);
+#pragma unroll
+    for (int k = 0; k < T; ++k) {
+      if (k < nt) {
+        if (k % kBwdChunk == 0) {
+          int const c = (tt + k) / kBwdChunk;
+          if (active) {
+            float* dst = p.ck + (static_cast<std::int64_t>(b) * p.n_chunks + c) * sN + d;
+#pragma unroll
+            for (int i = 0; i < kNT; ++i)
+              if (n0 + i < N) dst[static_cast<std::int64_t>(n0 + i) * a.d_inner] = h[i];
+            if (store_cum && sub == 0) p.cum[(static_cast<std::int64_t>(b) * p.n_chunks + c) * a.d_inner + d] = dsum;
+          }
+        }
+        float const dt = sm.ck.dt[k][ch];
+        float const dtu = dt * sm.ck.u[k][ch];
+        float4 const* B4 = reinterpret_cast<float4 const*>(&sm.ck.bc[k][n0]);
+#pragma unroll
+        for (int q = 0; q < kNT / 4; ++q) {
+          float4 const Bq = B4[q];
+          float const Bv[4] = {Bq.x, Bq.y, Bq.z, Bq.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            int const i = 4 * q + e;
+            h[i] = fmaf(ex2_approx(dt * A2[i]), h[i], dtu * Bv[e]);
+          }
+        }
+        dsum += dt;
+      }
+    }
+  }
+  if (p.n_seg > 1 && active) {
+    std::int64_t const slot = (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
+    if (sg + 1 < p.n_seg) {
+#pragma unroll
+      for (int i = 0; i < kNT; ++i)
+        if (n0 + i < N) p.Hs[slot + static_cast<std::int64_t>(n0 + i) * a.d_inner] = h[i];
+    }
+    if (sub == 0) p.dsum[(static_cast<std::int64_t>(b) * p.n_seg + sg) * a.d_inner + d] = dsum;
+  }
+  if (sg == 0) return;  // block-uniform
+
+  // ---- adjoint from a zero carry, backwards over the segment ----
+  constexpr unsigned kAdj = kLdDelta | kLdDout | kLdZ | kLdC;
+#pragma unroll
+  for (int i = 0; i < kNT; ++i) h[i] = 0.f;
+  __syncthreads();  // the forward's last cook is done with sm.raw on every thread
+  {
+    int const tl = t_begin + (n_tiles - 1) * T;
+    bwd_issue<kN>(p, sm.raw, b, tl, t_end - tl, kAdj);
+  }
+  for (int j = n_tiles - 1; j >= 0; --j) {
+    int const tt = t_begin + j * T;
+    int const nt = min(T, t_end - tt);
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    bwd_cook<false>(p, sm.raw, sm.ck, nt, cbias, kAdj);
+    __syncthreads();
+    if (j > 0) bwd_issue<kN>(p, sm.raw, b, tt - T, T, kAdj);
+#pragma unroll
+    for (int k = T - 1; k >= 0; --k) {
+      if (k < nt) {
+        float const dt = sm.ck.dt[k][ch];
+        float const dy = sm.ck.dy[k][ch];
+        float4 const* C4 = reinterpret_cast<float4 const*>(&sm.ck.bc[k][kN + n0]);
+#pragma unroll
+        for (int q = 0; q < kNT / 4; ++q) {
+          float4 const Cq = C4[q];
+          float const Cv[4] = {Cq.x, Cq.y, Cq.z, Cq.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            int const i = 4 * q + e;
+            h[i] = ex2_approx(dt * A2[i]) * fmaf(Cv[e], dy, h[i]);
+          }
+        }
+      }
+    }
+  }
+  if (active) {
+    std::int64_t const slot = (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
+#pragma unroll
+    for (int i = 0; i < kNT; ++i)
+      if (n0 + i < N) p.Qs[slot + static_cast<std::int64_t>(n0 + i) * a.d_inner] = h[i];
+  }
+}
+
+/// Pass 2 (per batch, time segment, block of kBwdCh channels; two threads per channel, each
+/// with half the states): tiles of the segment last to first, staged by cp.async (the next
+/// one loads while this one computes) and widened once; per chunk of kBwdChunk steps, last to
+/// first: the entering state (checkpoint + exp(A cum) x state entering the segment), a forward
+/// recompute keeping h_{t-1} in registers that also writes dz / out and reduces dC_t, then the
+/// reverse sweep g_t = C_t dy_t + a_{t+1} g_{t+1} writing du, ddelta and reducing dB_t, with
+/// dA, dD, ddelta_bias accumulated per thread. dB / dC: a warp reduce-scatter over the warp's
+/// 16 channels, then the block's 4 warps summed in order into one partial row per block.
+template <int kN, bool kExact, class TS = float>
+MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks : 2) bwd_scan(BwdParams<TS> const p) {
+  constexpr int K = kBwdChunk;
+  constexpr int T = kBwdTile;
+  constexpr int kNT = kN / kBwdSplit;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& sm = *reinterpret_cast<BwdScanSmem<kN, TS>*>(smem_raw);
   auto const& a = p.a;
   int const N = kExact ? kN : a.d_state;
   int const tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  int const d = blockIdx.x * kBwdThreads + tid;
-  int const b = blockIdx.z;
+  int const ch = tid / kBwdSplit, sub = tid % kBwdSplit, n0 = sub * kNT;
+  int const d = blockIdx.x * kBwdCh + ch;
+  int const sg = blockIdx.y, b = blockIdx.z;
   bool const active = d < a.d_inner;
   int const dc = active ? d : a.d_inner - 1;
   int const L = a.length;
@@ -182,169 +588,198 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads) bwd_scan(BwdParams const p)
   constexpr float kLn2 = 0.6931471805599453f;
   std::int64_t const sN = static_cast<std::int64_t>(a.d_inner) * N;
   std::int64_t const row0 = static_cast<std::int64_t>(b) * L;
+  int const t_begin = sg * p.seg_chunks * K;
+  int const t_end = min(L, t_begin + p.seg_chunks * K);
+  int const n_tiles = (t_end - t_begin + T - 1) / T;
+  int const c_first = t_begin / K;
+  int const colc = min(blockIdx.x * kBwdCh + tid % kBwdCh, a.d_inner - 1);
+  float const cbias = a.delta_bias ? a.delta_bias[colc] : 0.f;
+  bool const corr = sg > 0;  // segment 0's checkpoints hold the true states
 
-  float A2[kN], G[kN], dA[kN];
+  float A2[kNT], G[kNT], dA[kNT];
+  std::int64_t const sslot = (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
 #pragma unroll
-  for (int n = 0; n < kN; ++n) {
-    A2[n] = n < N ? a.A[static_cast<std::int64_t>(dc) * N + n] * kLog2e : 0.f;
+  for (int i = 0; i < kNT; ++i) {
+    int const n = n0 + i;
+    A2[i] = n < N ? a.A[static_cast<std::int64_t>(dc) * N + n] * kLog2e : 0.f;
     if (p.n_seg > 1)
-      G[n] = (active && n < N) ? p.Qs[(static_cast<std::int64_t>(b) * p.n_seg + blockIdx.y) * sN + static_cast<std::int64_t>(n) * a.d_inner + d] : 0.f;
+      G[i] = (active && n < N) ? p.Qs[sslot + static_cast<std::int64_t>(n) * a.d_inner] : 0.f;
     else
-      G[n] = (active && n < N && a.dfinal_state) ? a.dfinal_state[b * sN + static_cast<std::int64_t>(d) * N + n] : 0.f;
-    dA[n] = 0.f;
+      G[i] = (active && n < N && a.dfinal_state) ? a.dfinal_state[b * sN + static_cast<std::int64_t>(d) * N + n] : 0.f;
+    dA[i] = 0.f;
   }
-  float const bias = a.delta_bias ? a.delta_bias[dc] : 0.f;
   float const Dd = a.D ? a.D[dc] : 0.f;
-  bool const has_z = a.z != nullptr;
   float dD = 0.f, dbias = 0.f;
 
-  int const c_begin = blockIdx.y * p.seg_chunks;
-  int const c_end = min(p.n_chunks, c_begin + p.seg_chunks);
-  for (int c = c_end - 1; c >= c_begin; --c) {
-    int const t0 = c * K;
-    int const len = min(K, L - t0);
-    // The chunk's inputs: per-thread columns into registers, B / C rows into shared memory.
-    float vv[K], uu[K], go[K], zv[K];
+  // Checkpoint of chunk c (and its delta sum) into registers, issued one chunk ahead.
+  float hn[kNT], cumn = 0.f;
+  auto fetch_ck = [&](int c) {
+    float const* src = p.ck + (static_cast<std::int64_t>(b) * p.n_chunks + c) * sN + d;
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      vv[k] = uu[k] = go[k] = zv[k] = 0.f;
-      if (k < len && active) {
-        std::int64_t const row = row0 + t0 + k;
-        vv[k] = __ldg(a.delta + row * a.ld_delta + d) + bias;
-        uu[k] = __ldg(a.u + row * a.ld_u + d);
-        go[k] = __ldg(a.dout + row * a.ld_dout + d);
-        if (has_z) zv[k] = __ldg(a.z + row * a.ld_z + d);
-      }
-    }
-    for (int i = tid; i < len * 2 * kN; i += kBwdThreads) {
-      int const k = i / (2 * kN), j = i - k * (2 * kN);
-      std::int64_t const row = row0 + t0 + k;
-      float x = 0.f;
-      if (j < kN) { if (j < N) x = __ldg(a.B + row * a.ld_B + j); }
-      else if (j - kN < N) x = __ldg(a.C + row * a.ld_C + (j - kN));
-      sm.bc[k][j] = x;
-    }
+    for (int i = 0; i < kNT; ++i)
+      hn[i] = (active && n0 + i < N) ? src[static_cast<std::int64_t>(n0 + i) * a.d_inner] : 0.f;
+    if (corr) cumn = active ? p.cum[(static_cast<std::int64_t>(b) * p.n_chunks + c) * a.d_inner + d] : 0.f;
+  };
+  fetch_ck((t_end - 1) / K);
+
+  constexpr unsigned kAll = kLdU | kLdDelta | kLdDout | kLdZ | kLdB | kLdC;
+  {
+    int const tl = t_begin + (n_tiles - 1) * T;
+    bwd_issue<kN>(p, sm.raw, b, tl, t_end - tl, kAll);
+  }
+  int par = 0;
+  for (int j = n_tiles - 1; j >= 0; --j) {
+    int const tt = t_begin + j * T;
+    int const nt = min(T, t_end - tt);
+    __pipeline_wait_prior(0);
     __syncthreads();
-    // Recompute h_{t0-1} .. h_{t0+len-1} into hs[0..len].
-    {
-      float h[kN];
-      float const* src = p.ck + (static_cast<std::int64_t>(b) * p.n_chunks + c) * sN + dc;
+    bwd_cook<true>(p, sm.raw, sm.ck, nt, cbias, kAll);
+    __syncthreads();
+    if (j > 0) bwd_issue<kN>(p, sm.raw, b, tt - T, T, kAll);
+#pragma unroll 1
+    for (int hh = T / K - 1; hh >= 0; --hh) {
+      int const kb = hh * K;
+      if (kb >= nt) continue;  // block-uniform
+      int const len = min(K, nt - kb);
+      int const c = (tt + kb) / K;
+      // Entering state of the chunk; then fetch the next (earlier) chunk's checkpoint.
+      float hcur[kNT];
 #pragma unroll
-      for (int n = 0; n < kN; ++n) {
-        h[n] = (active && n < N) ? src[static_cast<std::int64_t>(n) * a.d_inner] : 0.f;
-        sm.hs[0][n][tid] = h[n];
+      for (int i = 0; i < kNT; ++i) hcur[i] = hn[i];
+      if (corr && active) {
+#pragma unroll
+        for (int i = 0; i < kNT; ++i)
+          if (n0 + i < N)
+            hcur[i] = fmaf(ex2_approx(A2[i] * cumn), __ldg(p.Hs + sslot + static_cast<std::int64_t>(n0 + i) * a.d_inner), hcur[i]);
       }
+      if (c > c_first) fetch_ck(c - 1);
+
+      // Forward recompute: h_{t-1} kept, dz / out written, dC_t reduced.
+      float hp[K][kNT];
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         if (k < len) {
-          float const dt = a.delta_softplus ? softplus_dev(vv[k]) : vv[k];
-          float const du = dt * uu[k];
+          int const kk = kb + k;
+          float const dt = sm.ck.dt[kk][ch];
+          float const u = sm.ck.u[kk][ch];
+          float const dtu = dt * u;
+          float4 const* B4 = reinterpret_cast<float4 const*>(&sm.ck.bc[kk][n0]);
+          float4 const* C4 = reinterpret_cast<float4 const*>(&sm.ck.bc[kk][kN + n0]);
+          float y0 = 0.f, y1 = 0.f;
 #pragma unroll
-          for (int n = 0; n < kN; ++n) {
-            if (n < N) h[n] = fmaf(ex2_approx(dt * A2[n]), h[n], du * sm.bc[k][n]);
-            sm.hs[k + 1][n][tid] = h[n];
+          for (int q = 0; q < kNT / 4; ++q) {
+            float4 const Bq = B4[q], Cq = C4[q];
+            float const Bv[4] = {Bq.x, Bq.y, Bq.z, Bq.w};
+            float const Cv[4] = {Cq.x, Cq.y, Cq.z, Cq.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              int const i = 4 * q + e;
+              hp[k][i] = hcur[i];
+              hcur[i] = fmaf(ex2_approx(dt * A2[i]), hcur[i], dtu * Bv[e]);
+              if (e & 1) y1 = fmaf(hcur[i], Cv[e], y1);
+              else y0 = fmaf(hcur[i], Cv[e], y0);
+            }
           }
-        }
-      }
-    }
-    // Reverse sweep over the chunk.
+          float const dy = sm.ck.dy[kk][ch];
+          float vC[kNT];
 #pragma unroll
-    for (int k = K - 1; k >= 0; --k) {
-      if (k < len) {
-        std::int64_t const row = row0 + t0 + k;
-        float const v = vv[k], u = uu[k], dout = go[k], zz = zv[k];
-        float const dt = a.delta_softplus ? softplus_dev(v) : v;
-        float const* Bt = sm.bc[k];
-        float const* Ct = sm.bc[k] + kN;
-        float y0 = 0.f, y1 = 0.f;
-#pragma unroll
-        for (int n = 0; n < kN; ++n) {
-          if (n < N) {
-            if (n & 1) y1 = fmaf(sm.hs[k + 1][n][tid], Ct[n], y1);
-            else y0 = fmaf(sm.hs[k + 1][n][tid], Ct[n], y0);
-          }
-        }
-        float const y = fmaf(Dd, u, y0 + y1);
-        float dy = dout;
-        if (has_z) {
-          float const sig = 1.f / (1.f + __expf(-zz));
-          float const silu = zz * sig;
-          dy = dout * silu;
+          for (int i = 0; i < kNT; ++i) vC[i] = dy * hcur[i];
+          float y = y0 + y1;
+          y += __shfl_xor_sync(0xffffffffu, y, 1);
+          y = fmaf(Dd, u, y);
           if (active) {
-            a.dz[row * a.ld_dz + d] = dout * y * sig * (1.f + zz * (1.f - sig));
-            if (a.out) a.out[row * a.ld_out + d] = y * silu;
+            std::int64_t const row = row0 + tt + kk;
+            if (sub == 0) {
+              if (a.z) a.dz[row * a.ld_dz + d] = from_f<TS>(y * sm.ck.dzf[kk][ch]);
+            } else {
+              if (a.out) a.out[row * a.ld_out + d] = from_f<TS>(y * sm.ck.silu[kk][ch]);
+            }
           }
-        } else if (active && a.out) {
-          a.out[row * a.ld_out + d] = y;
-        }
-        float const dtu = dt * u;
-        float gB = 0.f, gAh = 0.f;
-        float vals[2 * kN];  // dB then dC contributions of this channel
-#pragma unroll
-        for (int n = 0; n < kN; ++n) {
-          if (n < N) {
-            float const g = fmaf(Ct[n], dy, G[n]);
-            float const at = ex2_approx(dt * A2[n]);
-            float const ah = at * sm.hs[k][n][tid];
-            gB = fmaf(g, Bt[n], gB);
-            float const gah = g * ah;
-            gAh = fmaf(gah, A2[n], gAh);
-            dA[n] = fmaf(gah, dt, dA[n]);
-            vals[n] = g * dtu;
-            vals[kN + n] = dy * sm.hs[k + 1][n][tid];
-            G[n] = at * g;
-          } else {
-            vals[n] = 0.f;
-            vals[kN + n] = 0.f;
-          }
-        }
-        float dd = fmaf(u, gB, gAh * kLn2);
-        if (a.delta_softplus && v <= 20.f) dd = __fdividef(dd, 1.f + __expf(-v));
-        if (active) {
-          a.du[row * a.ld_du + d] = fmaf(dt, gB, Dd * dy);
-          a.ddelta[row * a.ld_ddelta + d] = dd;
-        }
-        dD = fmaf(dy, u, dD);
-        dbias += dd;
-#pragma unroll
-        for (int gi = 0; gi < 2 * kN / 32; ++gi) {
-          float w[32];
-#pragma unroll
-          for (int i = 0; i < 32; ++i) w[i] = vals[gi * 32 + i];
-          sm.red[warp][k][gi * 32 + lane] = warp_reduce_scatter(w, lane);
+          float const r = bwd_warp_scatter<kNT>(vC, lane);
+          if (bwd_scatter_writer<kNT>(lane)) sm.red[par][warp][k][kN + n0 + bwd_scatter_index<kNT>(lane)] = r;
         }
       }
-    }
-    __syncthreads();
-    // Block partial rows of dB / dC for this chunk.
-    float* dst = p.bc + ((static_cast<std::int64_t>(blockIdx.x) * a.batch + b) * L + t0) * (2 * kN);
-    for (int i = tid; i < len * 2 * kN; i += kBwdThreads) {
-      int const k = i / (2 * kN), j = i - k * (2 * kN);
-      float s = sm.red[0][k][j];
+      // Reverse sweep over the chunk.
 #pragma unroll
-      for (int w = 1; w < kWarps; ++w) s += sm.red[w][k][j];
-      dst[i] = s;
+      for (int k = K - 1; k >= 0; --k) {
+        if (k < len) {
+          int const kk = kb + k;
+          float const dt = sm.ck.dt[kk][ch];
+          float const u = sm.ck.u[kk][ch];
+          float const dy = sm.ck.dy[kk][ch];
+          float const dtu = dt * u;
+          float4 const* B4 = reinterpret_cast<float4 const*>(&sm.ck.bc[kk][n0]);
+          float4 const* C4 = reinterpret_cast<float4 const*>(&sm.ck.bc[kk][kN + n0]);
+          float gB0 = 0.f, gB1 = 0.f, gA0 = 0.f, gA1 = 0.f;
+          float vB[kNT];
+#pragma unroll
+          for (int q = 0; q < kNT / 4; ++q) {
+            float4 const Bq = B4[q], Cq = C4[q];
+            float const Bv[4] = {Bq.x, Bq.y, Bq.z, Bq.w};
+            float const Cv[4] = {Cq.x, Cq.y, Cq.z, Cq.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              int const i = 4 * q + e;
+              float const g = fmaf(Cv[e], dy, G[i]);
+              float const at = ex2_approx(dt * A2[i]);
+              if (e & 1) gB1 = fmaf(g, Bv[e], gB1);
+              else gB0 = fmaf(g, Bv[e], gB0);
+              G[i] = at * g;
+              float const gah = G[i] * hp[k][i];  // g_t a_t h_{t-1}
+              if (e & 1) gA1 = fmaf(gah, A2[i], gA1);
+              else gA0 = fmaf(gah, A2[i], gA0);
+              dA[i] = fmaf(gah, dt, dA[i]);
+              vB[i] = g * dtu;
+            }
+          }
+          float gB = gB0 + gB1, gAh = gA0 + gA1;
+          gB += __shfl_xor_sync(0xffffffffu, gB, 1);
+          gAh += __shfl_xor_sync(0xffffffffu, gAh, 1);
+          float const dd = fmaf(u, gB, gAh * kLn2) * sm.ck.dsc[kk][ch];
+          if (active) {
+            std::int64_t const row = row0 + tt + kk;
+            if (sub == 0) a.du[row * a.ld_du + d] = from_f<TS>(fmaf(dt, gB, Dd * dy));
+            else a.ddelta[row * a.ld_ddelta + d] = from_f<TS>(dd);
+          }
+          dD = fmaf(dy, u, dD);
+          dbias += dd;
+          float const r = bwd_warp_scatter<kNT>(vB, lane);
+          if (bwd_scatter_writer<kNT>(lane)) sm.red[par][warp][k][n0 + bwd_scatter_index<kNT>(lane)] = r;
+        }
+      }
+      __syncthreads();
+      // The block's partial rows of dB / dC for this chunk (warps summed in order).
+      float* dst = p.bc + ((static_cast<std::int64_t>(blockIdx.x) * a.batch + b) * L + tt + kb) * (2 * kN);
+      for (int i = tid; i < len * 2 * kN; i += kBwdThreads) {
+        int const k = i / (2 * kN), jj = i - k * (2 * kN);
+        float s = sm.red[par][0][k][jj];
+#pragma unroll
+        for (int w = 1; w < kBwdWarps; ++w) s += sm.red[par][w][k][jj];
+        dst[i] = s;
+      }
+      par ^= 1;  // the next chunk writes the other buffer; this one is rewritten after a barrier
     }
-    __syncthreads();
   }
   if (!active) return;
-  if (a.dinitial_state && blockIdx.y == 0) {
+  if (a.dinitial_state && sg == 0) {
 #pragma unroll
-    for (int n = 0; n < kN; ++n)
-      if (n < N) a.dinitial_state[b * sN + static_cast<std::int64_t>(d) * N + n] = G[n];
+    for (int i = 0; i < kNT; ++i)
+      if (n0 + i < N) a.dinitial_state[b * sN + static_cast<std::int64_t>(d) * N + n0 + i] = G[i];
   }
-  float* par = p.par + ((static_cast<std::int64_t>(b) * p.n_seg + blockIdx.y) * a.d_inner + d) * (N + 2);
+  float* pr = p.par + ((static_cast<std::int64_t>(b) * p.n_seg + sg) * a.d_inner + d) * (N + 2);
 #pragma unroll
-  for (int n = 0; n < kN; ++n)
-    if (n < N) par[n] = dA[n];
-  par[N] = dD;
-  par[N + 1] = dbias;
+  for (int i = 0; i < kNT; ++i)
+    if (n0 + i < N) pr[n0 + i] = dA[i];
+  if (sub == 0) {
+    pr[N] = dD;
+    pr[N + 1] = dbias;
+  }
 }
 
 /// Pass 3: dB / dC rows = sum of the channel blocks' partials (block order). A thread per
 /// (row, j), j < 2N.
-template <int kN>
-MAMBABYTE_KERNEL void bwd_reduce_bc(BwdParams const p) {
+template <int kN, class TS = float>
+MAMBABYTE_KERNEL void bwd_reduce_bc(BwdParams<TS> const p) {
   auto const& a = p.a;
   int const N = a.d_state;
   std::int64_t const rows = static_cast<std::int64_t>(a.batch) * a.length;
@@ -358,14 +793,14 @@ MAMBABYTE_KERNEL void bwd_reduce_bc(BwdParams const p) {
     float const* src = p.bc + r * 2 * kN + jj;
     float s = 0.f;
     for (int x = 0; x < p.blocks_d; ++x) s += src[x * plane];
-    if (j < N) a.dB[r * a.ld_dB + j] = s;
-    else a.dC[r * a.ld_dC + (j - N)] = s;
+    if (j < N) a.dB[r * a.ld_dB + j] = from_f<TS>(s);
+    else a.dC[r * a.ld_dC + (j - N)] = from_f<TS>(s);
   }
 }
 
-/// Pass 4: dA, dD, ddelta_bias += per-batch partials (batch order). A thread per (d, j).
-template <int = 0>
-MAMBABYTE_KERNEL void bwd_reduce_params(BwdParams const p) {
+/// Pass 4: dA, dD, ddelta_bias += per-(batch, segment) partials (in order). A thread per (d, j).
+template <class TS = float>
+MAMBABYTE_KERNEL void bwd_reduce_params(BwdParams<TS> const p) {
   auto const& a = p.a;
   int const N = a.d_state, W = N + 2;
   std::int64_t const i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -378,91 +813,14 @@ MAMBABYTE_KERNEL void bwd_reduce_params(BwdParams const p) {
   else if (a.ddelta_bias) a.ddelta_bias[dch] += s;
 }
 
-/// Time-parallel runs, pass 0 (a thread per (batch, channel, segment)): the segment's forward
-/// scan from a zero state (end state into Hs, all segments but the last) and its adjoint
-/// recurrence from a zero carry (a_{t0} g_{t0} into Qs, all segments but the first; it needs
-/// only dy, C and the decays, no states), with the segment's sum of deltas.
-template <int kN, bool kExact>
-MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads) bwd_seg_local(BwdParams const p) {
-  auto const& a = p.a;
-  int const N = kExact ? kN : a.d_state;
-  int const d = blockIdx.x * kBwdThreads + threadIdx.x;
-  int const sg = blockIdx.y, b = blockIdx.z;
-  if (d >= a.d_inner) return;
-  constexpr float kLog2e = 1.4426950408889634f;
-  std::int64_t const sN = static_cast<std::int64_t>(a.d_inner) * N;
-  int const t0 = sg * p.seg_chunks * kBwdChunk;
-  int const t1 = min(a.length, t0 + p.seg_chunks * kBwdChunk);
-  std::int64_t const row0 = static_cast<std::int64_t>(b) * a.length;
-  float A2[kN], h[kN];
-#pragma unroll
-  for (int n = 0; n < kN; ++n) {
-    A2[n] = n < N ? a.A[static_cast<std::int64_t>(d) * N + n] * kLog2e : 0.f;
-    h[n] = 0.f;
-  }
-  float const bias = a.delta_bias ? a.delta_bias[d] : 0.f;
-  float* slot_h = p.Hs + (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
-  float* slot_q = p.Qs + (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
-  float dsum = 0.f;
-  if (sg + 1 < p.n_seg) {  // full segment (only the last can be partial): t1 - t0 multiple of 8
-    for (int t = t0; t < t1; t += kBwdChunk) {
-      float dtv[kBwdChunk], uv[kBwdChunk];
-#pragma unroll
-      for (int k = 0; k < kBwdChunk; ++k) {
-        std::int64_t const row = row0 + t + k;
-        dtv[k] = __ldg(a.delta + row * a.ld_delta + d) + bias;
-        uv[k] = __ldg(a.u + row * a.ld_u + d);
-      }
-#pragma unroll
-      for (int k = 0; k < kBwdChunk; ++k) {
-        float const dt = a.delta_softplus ? softplus_dev(dtv[k]) : dtv[k];
-        dsum += dt;
-        float const du = dt * uv[k];
-        float const* Bt = a.B + (row0 + t + k) * a.ld_B;
-#pragma unroll
-        for (int n = 0; n < kN; ++n)
-          if (n < N) h[n] = fmaf(ex2_approx(dt * A2[n]), h[n], du * __ldg(Bt + n));
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < kN; ++n)
-      if (n < N) slot_h[static_cast<std::int64_t>(n) * a.d_inner] = h[n];
-  }
-  if (sg > 0) {
-    bool const has_z = a.z != nullptr;
-    float dsum2 = 0.f;
-#pragma unroll
-    for (int n = 0; n < kN; ++n) h[n] = 0.f;  // now the adjoint carry
-    for (int t = t1 - 1; t >= t0; --t) {
-      std::int64_t const row = row0 + t;
-      float const v = __ldg(a.delta + row * a.ld_delta + d) + bias;
-      float const dt = a.delta_softplus ? softplus_dev(v) : v;
-      dsum2 += dt;
-      float dy = __ldg(a.dout + row * a.ld_dout + d);
-      if (has_z) {
-        float const zz = __ldg(a.z + row * a.ld_z + d);
-        dy *= __fdividef(zz, 1.f + __expf(-zz));
-      }
-      float const* Ct = a.C + row * a.ld_C;
-#pragma unroll
-      for (int n = 0; n < kN; ++n)
-        if (n < N) h[n] = ex2_approx(dt * A2[n]) * fmaf(__ldg(Ct + n), dy, h[n]);
-    }
-#pragma unroll
-    for (int n = 0; n < kN; ++n)
-      if (n < N) slot_q[static_cast<std::int64_t>(n) * a.d_inner] = h[n];
-    dsum = dsum2;
-  }
-  p.dsum[(static_cast<std::int64_t>(b) * p.n_seg + sg) * a.d_inner + d] = dsum;
-}
-
-/// Time-parallel runs, pass 0b (a thread per (batch, channel)): carries across segments.
-/// On exit Hs[s] = state entering segment s, Qs[s] = adjoint carry entering it from its end.
-template <int kN>
-MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads) bwd_seg_carry(BwdParams const p) {
+/// Time-parallel runs, pass 1b (a thread per (batch, channel)): carries across segments.
+/// On exit Hs[s] = state entering segment s (0 for segment 0, whose local pass started from
+/// initial_state), Qs[s] = adjoint carry entering it from its end.
+template <int kN, class TS = float>
+MAMBABYTE_KERNEL void __launch_bounds__(128) bwd_seg_carry(BwdParams<TS> const p) {
   auto const& a = p.a;
   int const N = a.d_state;
-  int const d = blockIdx.x * kBwdThreads + threadIdx.x;
+  int const d = blockIdx.x * blockDim.x + threadIdx.x;
   int const b = blockIdx.z;
   if (d >= a.d_inner) return;
   constexpr float kLog2e = 1.4426950408889634f;
@@ -471,7 +829,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads) bwd_seg_carry(BwdParams con
 #pragma unroll
   for (int n = 0; n < kN; ++n) {
     A2[n] = n < N ? a.A[static_cast<std::int64_t>(d) * N + n] * kLog2e : 0.f;
-    run[n] = (n < N && a.initial_state) ? a.initial_state[b * sN + static_cast<std::int64_t>(d) * N + n] : 0.f;
+    run[n] = 0.f;
   }
   auto slot = [&](float* base, int sg, int n) -> float& {
     return base[(static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + static_cast<std::int64_t>(n) * a.d_inner + d];
@@ -515,8 +873,8 @@ MAMBABYTE_KERNEL void bwd_empty(float* dst, float const* src, std::size_t n) {
 }  // namespace kernel
 
 struct WorkspaceLayout {
-  std::size_t ck = 0, bc = 0, par = 0, seg = 0;  // float counts
-  std::size_t bytes() const { return (ck + bc + par + seg) * sizeof(float); }
+  std::size_t ck = 0, cum = 0, bc = 0, par = 0, seg = 0;  // float counts
+  std::size_t bytes() const { return (ck + cum + bc + par + seg) * sizeof(float); }
 };
 
 /// seg_chunks: chunks of kBwdChunk steps per time segment (0: one segment).
@@ -525,47 +883,82 @@ inline int segment_count(int length, int seg_chunks) {
   return seg_chunks <= 0 ? 1 : (nc + seg_chunks - 1) / seg_chunks;
 }
 
-inline WorkspaceLayout layout(ssm::SelectiveScanBackwardArguments<float> const& a, int seg_chunks) {
+template <class Args>
+WorkspaceLayout layout(Args const& a, int seg_chunks) {
   WorkspaceLayout w;
   if (a.batch <= 0 || a.length <= 0) return w;
   std::size_t const nc = (static_cast<std::size_t>(a.length) + kBwdChunk - 1) / kBwdChunk;
-  std::size_t const blocks_d = (static_cast<std::size_t>(a.d_inner) + kBwdThreads - 1) / kBwdThreads;
-  w.ck = static_cast<std::size_t>(a.batch) * nc * a.d_state * a.d_inner;
-  w.bc = blocks_d * a.batch * static_cast<std::size_t>(a.length) * 2 * state_cap(a.d_state);
+  std::size_t const blocks_d = (static_cast<std::size_t>(a.d_inner) + kBwdCh - 1) / kBwdCh;
   std::size_t const ns = static_cast<std::size_t>(segment_count(a.length, seg_chunks));
+  w.ck = static_cast<std::size_t>(a.batch) * nc * a.d_state * a.d_inner;
+  if (ns > 1) w.cum = static_cast<std::size_t>(a.batch) * nc * a.d_inner;
+  w.bc = blocks_d * a.batch * static_cast<std::size_t>(a.length) * 2 * state_cap(a.d_state);
   w.par = static_cast<std::size_t>(a.batch) * ns * a.d_inner * (a.d_state + 2);
   if (ns > 1) w.seg = static_cast<std::size_t>(a.batch) * ns * a.d_inner * (2 * a.d_state + 1);
   return w;
 }
 
-template <int kN, bool kExact>
-void run_impl(BwdParams& p, cudaStream_t stream) {
-  auto const& a = p.a;
-  if (p.n_seg > 1) {
-    kernel::bwd_seg_local<kN, kExact><<<dim3(p.blocks_d, p.n_seg, a.batch), kBwdThreads, 0, stream>>>(p);
-    MAMBABYTE_CUDA_CHECK(cudaGetLastError());
-    kernel::bwd_seg_carry<kN><<<dim3(p.blocks_d, 1, a.batch), kBwdThreads, 0, stream>>>(p);
-    MAMBABYTE_CUDA_CHECK(cudaGetLastError());
-  }
-  dim3 const grid(p.blocks_d, p.n_seg, a.batch);
-  kernel::bwd_checkpoints<kN, kExact><<<grid, kBwdThreads, 0, stream>>>(p);
-  MAMBABYTE_CUDA_CHECK(cudaGetLastError());
-  constexpr std::size_t smem = sizeof(BwdSmem<kN>);
-  auto* fn = &kernel::bwd_scan<kN, kExact>;
+template <int kN, bool kExact, class TS>
+auto* prepare_local_kernel() {
+  constexpr std::size_t smem = sizeof(BwdLocalSmem<kN, TS>);
+  auto* fn = &kernel::bwd_local<kN, kExact, TS>;
   if constexpr (smem > 48 * 1024)
     MAMBABYTE_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  fn<<<grid, kBwdThreads, smem, stream>>>(p);
+  return fn;
+}
+
+template <int kN, bool kExact, class TS>
+auto* prepare_scan_kernel() {
+  constexpr std::size_t smem = sizeof(BwdScanSmem<kN, TS>);
+  auto* fn = &kernel::bwd_scan<kN, kExact, TS>;
+  if constexpr (smem > 48 * 1024)
+    MAMBABYTE_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  return fn;
+}
+
+/// Resident blocks per SM of the scan pass (the heavier one) for storage TS at this d_state.
+template <class TS = float>
+int bwd_blocks_per_sm(int d_state, int device) {
+  ScopedDevice guard(device);
+  int n = 0;
+  if (d_state == 16) {
+    MAMBABYTE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &n, prepare_scan_kernel<16, true, TS>(), kBwdThreads, sizeof(BwdScanSmem<16, TS>)));
+  } else if (d_state < 16) {
+    MAMBABYTE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &n, prepare_scan_kernel<16, false, TS>(), kBwdThreads, sizeof(BwdScanSmem<16, TS>)));
+  } else {
+    MAMBABYTE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &n, prepare_scan_kernel<32, false, TS>(), kBwdThreads, sizeof(BwdScanSmem<32, TS>)));
+  }
+  return std::max(n, 1);
+}
+
+template <int kN, bool kExact, class TS>
+void run_impl(BwdParams<TS>& p, cudaStream_t stream) {
+  auto const& a = p.a;
+  dim3 const grid(p.blocks_d, p.n_seg, a.batch);
+  prepare_local_kernel<kN, kExact, TS>()<<<grid, kBwdThreads, sizeof(BwdLocalSmem<kN, TS>), stream>>>(p);
+  MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+  if (p.n_seg > 1) {
+    kernel::bwd_seg_carry<kN, TS><<<dim3((a.d_inner + 127) / 128, 1, a.batch), 128, 0, stream>>>(p);
+    MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+  }
+  prepare_scan_kernel<kN, kExact, TS>()<<<grid, kBwdThreads, sizeof(BwdScanSmem<kN, TS>), stream>>>(p);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
   std::int64_t const total = static_cast<std::int64_t>(a.batch) * a.length * 2 * a.d_state;
   unsigned const blocks = static_cast<unsigned>(std::min<std::int64_t>((total + 255) / 256, 65535L * 16));
-  kernel::bwd_reduce_bc<kN><<<blocks, 256, 0, stream>>>(p);
+  kernel::bwd_reduce_bc<kN, TS><<<blocks, 256, 0, stream>>>(p);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
   std::int64_t const np = static_cast<std::int64_t>(a.d_inner) * (a.d_state + 2);
-  kernel::bwd_reduce_params<><<<static_cast<unsigned>((np + 255) / 256), 256, 0, stream>>>(p);
+  kernel::bwd_reduce_params<TS><<<static_cast<unsigned>((np + 255) / 256), 256, 0, stream>>>(p);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
 }
 
-inline void run(ssm::SelectiveScanBackwardArguments<float> const& a, int seg_chunks, void* ws, Cuda const& be) {
+/// Runs the backward for float or bf16 storage (MixedScanBackwardArguments<float>: the float one).
+template <class TS>
+void run(MixedScanBackwardArguments<TS> const& a, int seg_chunks, void* ws, Cuda const& be) {
+  static_assert(is_scan_storage_v<TS>, "CUDA scan storage: float or __nv_bfloat16");
   ScopedDevice guard(be.device);
   if (a.batch == 0) return;
   if (a.length == 0) {
@@ -578,12 +971,13 @@ inline void run(ssm::SelectiveScanBackwardArguments<float> const& a, int seg_chu
   require(ws != nullptr, "selective scan backward (CUDA): null workspace");
   require(a.batch <= 65535, "selective scan backward (CUDA): batch ", a.batch, " exceeds 65535");
   WorkspaceLayout const w = layout(a, seg_chunks);
-  BwdParams p;
+  BwdParams<TS> p;
   p.a = a;
   p.n_chunks = (a.length + kBwdChunk - 1) / kBwdChunk;
-  p.blocks_d = (a.d_inner + kBwdThreads - 1) / kBwdThreads;
+  p.blocks_d = (a.d_inner + kBwdCh - 1) / kBwdCh;
   p.ck = static_cast<float*>(ws);
-  p.bc = p.ck + w.ck;
+  p.cum = p.ck + w.ck;
+  p.bc = p.cum + w.cum;
   p.par = p.bc + w.bc;
   p.n_seg = segment_count(a.length, seg_chunks);
   p.seg_chunks = p.n_seg > 1 ? seg_chunks : p.n_chunks;
@@ -593,38 +987,72 @@ inline void run(ssm::SelectiveScanBackwardArguments<float> const& a, int seg_chu
     p.Hs = p.par + w.par;
     p.Qs = p.Hs + S;
     p.dsum = p.Qs + S;
+  } else {
+    p.cum = nullptr;
   }
+  p.vec_x = rows_aligned16(a.u, a.ld_u) && rows_aligned16(a.delta, a.ld_delta) &&
+            rows_aligned16(a.dout, a.ld_dout) && rows_aligned16(a.z, a.ld_z);
+  p.vec_bc = rows_aligned16(a.B, a.ld_B) && rows_aligned16(a.C, a.ld_C);
   if (a.d_state == 16) run_impl<16, true>(p, be.stream);
   else if (a.d_state < 16) run_impl<16, false>(p, be.stream);
   else run_impl<32, false>(p, be.stream);
 }
+
+inline void run(ssm::SelectiveScanBackwardArguments<float> const& a, int seg_chunks, void* ws, Cuda const& be) {
+  run(to_mixed(a), seg_chunks, ws, be);
+}
+
+/// The Arguments of SelectiveScanBackward<Cuda, TS, *>: the ssm struct for float (unchanged
+/// API), the mixed one for bf16.
+template <class TS>
+using BackwardArgumentsFor =
+    std::conditional_t<std::is_same_v<TS, float>, ssm::SelectiveScanBackwardArguments<float>,
+                       MixedScanBackwardArguments<TS>>;
 
 }  // namespace mambabyte::backend::cuda::scan_bwd_detail
 
 namespace mambabyte::ssm {
 
 /// The rule behind scan::Auto for the CUDA backward: chunks (of kBwdChunk steps) per time
-/// segment, 0 for one segment. The single-segment run does 3 exponentials per state-step, the
-/// segmented one 5 (a local forward and a local adjoint pass first) but n_seg times the warps.
-/// bwd_scan holds at most ~11 one-warp blocks per SM (registers and the chunk's states in shared
-/// memory) and every warp is latency-bound, so more warps pay even at batch 16 x 1536 channels.
-/// Measured on the H200 (docs/cuda.md): segments of 512 steps were the best of 512 .. 8192 and
-/// one segment at all three benchmark shapes (12.9 / 14.2 / 5.3 ms against 21.9 / 171 / 6.2 for
-/// one segment). Rule: one segment when batch x channel-blocks (one warp each) reach 16 per SM
-/// or the sequence is shorter than 1024 steps; else segments of 512 steps.
-inline int resolve_auto_cuda_backward(int batch, int length, int d_inner, int sms) {
+/// segment, 0 for one segment. `blocks_per_sm`: resident blocks of the scan pass per SM
+/// (backend::cuda::scan_bwd_detail::bwd_blocks_per_sm; the default is the H200 estimate).
+/// The kernels are latency-bound, so a wave of resident blocks costs about the same whether or
+/// not it is full; a segmented run does one more pass (the local adjoint, ~1.2x the work per
+/// element) and pays a fixed start per block (~64 steps). Among one segment and 2..64
+/// segments of at least 256 steps, the rule takes the smallest
+///     ceil(segments x channel-blocks / wave) x (segment length + 64) x (1.2 if segmented).
+inline int resolve_auto_cuda_backward(int batch, int length, int d_inner, int sms, int blocks_per_sm = 5) {
   namespace sd = backend::cuda::scan_bwd_detail;
-  long const blocks = static_cast<long>(batch) * ((d_inner + sd::kBwdThreads - 1) / sd::kBwdThreads);
+  if (batch <= 0 || length <= 0) return 0;
+  long const blocks = static_cast<long>(batch) * ((d_inner + sd::kBwdCh - 1) / sd::kBwdCh);
+  long const wave = std::max(1L, static_cast<long>(sms) * std::max(1, blocks_per_sm));
   long const nc = (length + sd::kBwdChunk - 1) / sd::kBwdChunk;
-  constexpr int kSegChunks = 512 / sd::kBwdChunk;
-  if (blocks >= 16L * sms || nc < 2 * kSegChunks) return 0;
-  return kSegChunks;
+  constexpr long kMinSegChunks = 256 / sd::kBwdChunk;
+  auto cost = [&](long n, long seg_chunks) {
+    double const waves = static_cast<double>((n * blocks + wave - 1) / wave);
+    return waves * static_cast<double>(seg_chunks * sd::kBwdChunk + 64) * (n > 1 ? 1.2 : 1.0);
+  };
+  double best = cost(1, nc);
+  long best_sc = 0;
+  for (long want = 2; want <= 64 && nc / want >= kMinSegChunks; ++want) {
+    long const sc = (nc + want - 1) / want;
+    long const n = (nc + sc - 1) / sc;
+    if (n < 2) continue;
+    double const c = cost(n, sc);
+    if (c < best) {
+      best = c;
+      best_sc = sc;
+    }
+  }
+  return static_cast<int>(best_sc);
 }
 
-/// Common part of the CUDA backward specialisations (float only).
-template <class Derived>
+/// Common part of the CUDA backward specialisations: TS = float (Arguments =
+/// SelectiveScanBackwardArguments<float>) or __nv_bfloat16 (Arguments =
+/// backend::cuda::MixedScanBackwardArguments<__nv_bfloat16>).
+template <class Derived, class TS = float>
 struct CudaSelectiveScanBackwardBase {
-  using Arguments = SelectiveScanBackwardArguments<float>;
+  using Arguments = backend::cuda::scan_bwd_detail::BackwardArgumentsFor<TS>;
   static Status can_implement(Arguments const& a) {
     Status const st = validate(a);
     if (st != Status::kSuccess) return st;
@@ -641,7 +1069,7 @@ struct CudaSelectiveScanBackwardBase {
   }
   static void run(Arguments const& a, void* ws, backend::Cuda const& be) {
     check(a);
-    backend::cuda::scan_bwd_detail::run(a, Derived::seg_chunks(a, be), ws, be);
+    backend::cuda::scan_bwd_detail::run(backend::cuda::to_mixed(a), Derived::seg_chunks(a, be), ws, be);
   }
   /// Run with an internally allocated workspace (cudaMalloc; synchronises the stream).
   static void run(Arguments const& a, backend::Cuda const& be) {
@@ -653,17 +1081,20 @@ struct CudaSelectiveScanBackwardBase {
 };
 
 /// Sequential: one time segment (checkpointed sweep over the whole length).
-template <>
-struct SelectiveScanBackward<backend::Cuda, float, scan::Sequential>
-    : CudaSelectiveScanBackwardBase<SelectiveScanBackward<backend::Cuda, float, scan::Sequential>> {
+template <class TS>
+struct SelectiveScanBackward<backend::Cuda, TS, scan::Sequential,
+                             std::enable_if_t<backend::cuda::is_scan_storage_v<TS>>>
+    : CudaSelectiveScanBackwardBase<SelectiveScanBackward<backend::Cuda, TS, scan::Sequential>, TS> {
+  using Arguments = backend::cuda::scan_bwd_detail::BackwardArgumentsFor<TS>;
   static int seg_chunks(Arguments const&, backend::Cuda const&) { return 0; }
 };
 
-/// Chunked<L>: time segments of L steps (rounded up to a multiple of 8), time-parallel.
-template <int ChunkLen>
-struct SelectiveScanBackward<backend::Cuda, float, scan::Chunked<ChunkLen>>
-    : CudaSelectiveScanBackwardBase<SelectiveScanBackward<backend::Cuda, float, scan::Chunked<ChunkLen>>> {
-  using Arguments = SelectiveScanBackwardArguments<float>;
+/// Chunked<L>: time segments of L steps (rounded up to a multiple of kBwdChunk = 4), time-parallel.
+template <class TS, int ChunkLen>
+struct SelectiveScanBackward<backend::Cuda, TS, scan::Chunked<ChunkLen>,
+                             std::enable_if_t<backend::cuda::is_scan_storage_v<TS>>>
+    : CudaSelectiveScanBackwardBase<SelectiveScanBackward<backend::Cuda, TS, scan::Chunked<ChunkLen>>, TS> {
+  using Arguments = backend::cuda::scan_bwd_detail::BackwardArgumentsFor<TS>;
   static int seg_chunks(Arguments const&, backend::Cuda const&) {
     constexpr int K = backend::cuda::scan_bwd_detail::kBwdChunk;
     return (ChunkLen + K - 1) / K;
@@ -671,13 +1102,17 @@ struct SelectiveScanBackward<backend::Cuda, float, scan::Chunked<ChunkLen>>
 };
 
 /// Auto: resolve_auto_cuda_backward() picks one segment or a segment length.
-template <>
-struct SelectiveScanBackward<backend::Cuda, float, scan::Auto>
-    : CudaSelectiveScanBackwardBase<SelectiveScanBackward<backend::Cuda, float, scan::Auto>> {
+template <class TS>
+struct SelectiveScanBackward<backend::Cuda, TS, scan::Auto,
+                             std::enable_if_t<backend::cuda::is_scan_storage_v<TS>>>
+    : CudaSelectiveScanBackwardBase<SelectiveScanBackward<backend::Cuda, TS, scan::Auto>, TS> {
+  using Arguments = backend::cuda::scan_bwd_detail::BackwardArgumentsFor<TS>;
   static int seg_chunks(Arguments const& a, backend::Cuda const& be) {
     if (a.batch <= 0 || a.length <= 0) return 0;
+    namespace sd = backend::cuda::scan_bwd_detail;
     return resolve_auto_cuda_backward(a.batch, a.length, a.d_inner,
-                                      backend::cuda::scan_detail::sm_count(be.device));
+                                      backend::cuda::scan_detail::sm_count(be.device),
+                                      sd::bwd_blocks_per_sm<TS>(a.d_state, be.device));
   }
 };
 

@@ -1,0 +1,207 @@
+// bench_cuda_model: the whole MambaByte model on one GPU (Google Benchmark, manual time from CUDA
+// events), at the MambaByte-353M shape (d_model 1024, 53 layers, d_state 16, expand 2, LayerNorm,
+// untied head, 256-byte vocabulary; REFERENCE.md section 0 has PyTorch + mamba_ssm's figures):
+//   - TrainStep/<precision>/<batch>/<length>: one full optimizer step of the CUDA engine (zero
+//     grad, forward, backward, global norm, clip, fused AdamW) at 1 x 8192 and 4 x 8192 bytes.
+//     Counters: bytes/s, MFU = 6 params bytes/s / 790 TFLOP/s (the reference's definition),
+//     peak_GiB = device memory in use after the step minus before the engine existed.
+//   - Prefill/<precision>/<batch>/<length>: the stateful forward (logits of every byte).
+//   - Decode/<precision>/<batch>: one graph-replayed decode step (decode.cuh's fused kernels);
+//     bytes/s = batch / time; floor_frac = (bytes of weights in the compute precision / 4.8 TB/s)
+//     / time. DecodeNoPDL: the same without programmatic dependent launch; DecodeUnfused: the
+//     layer-by-layer step (cuBLAS + state update) where the fused one is the default (bf16, b<=4).
+// --quick on the command line (first argument): a 2-layer d_model 128 model, tiny shapes (ctest).
+#include <mambabyte/cuda.hpp>
+#include <mambabyte/mambabyte.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace mambabyte;
+namespace mcu = mambabyte::cuda;
+
+bool g_quick = false;
+constexpr double kPeakFlops = 790e12;  // bf16 dense, as REFERENCE.md's MFU
+constexpr double kHbm = 4.8e12;
+
+ModelConfig bench_config() {
+  ModelConfig c;
+  c.d_model = g_quick ? 128 : 1024;
+  c.n_layer = g_quick ? 2 : 53;
+  c.d_state = 16;
+  c.d_conv = 4;
+  c.expand = 2;
+  c.rms_norm = false;
+  c.tie_embeddings = false;
+  c.vocab_size = 256;
+  c.pad_vocab_size_multiple = 1;
+  c.finalize();
+  return c;
+}
+
+backend::Cuda make_be() {
+  static cudaStream_t s = [] {
+    cudaStream_t x = nullptr;
+    MAMBABYTE_CUDA_CHECK(cudaStreamCreateWithFlags(&x, cudaStreamNonBlocking));
+    return x;
+  }();
+  backend::Cuda be;
+  be.stream = s;
+  return be;
+}
+
+ModelWeights<float> const& host_weights() {
+  static ModelWeights<float> w = [] {
+    ModelWeights<float> x(bench_config());
+    train::initialize_mamba(x, 1);
+    return x;
+  }();
+  return w;
+}
+
+std::vector<std::int32_t> random_bytes(std::size_t n, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::int32_t> t(n);
+  for (auto& x : t) x = static_cast<std::int32_t>(rng() % 256);
+  return t;
+}
+
+std::size_t used_bytes() {
+  MAMBABYTE_CUDA_CHECK(cudaDeviceSynchronize());
+  std::size_t free = 0, total = 0;
+  MAMBABYTE_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  return total - free;
+}
+
+/// Times fn on the stream with CUDA events (manual time).
+template <class Fn>
+void time_loop(benchmark::State& state, backend::Cuda const& be, Fn&& fn) {
+  cudaEvent_t a, b;
+  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&a));
+  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&b));
+  for (auto _ : state) {
+    MAMBABYTE_CUDA_CHECK(cudaEventRecord(a, be.stream));
+    fn();
+    MAMBABYTE_CUDA_CHECK(cudaEventRecord(b, be.stream));
+    MAMBABYTE_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    MAMBABYTE_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    state.SetIterationTime(ms * 1e-3);
+  }
+  (void)cudaEventDestroy(a);
+  (void)cudaEventDestroy(b);
+}
+
+template <class S>
+void BM_TrainStep(benchmark::State& state) {
+  int const batch = static_cast<int>(state.range(0)), L = static_cast<int>(state.range(1));
+  auto const be = make_be();
+  ModelConfig const c = bench_config();
+  std::size_t const before = used_bytes();
+  auto engine = std::make_unique<mcu::CudaStepEngine<S>>(c, be);
+  train::AdamW<float> opt(c, train::AdamWOptions{});
+  engine->load(host_weights(), opt);
+  auto const tokens = random_bytes(static_cast<std::size_t>(batch) * (L + 1), 7);
+  (void)engine->step(tokens, batch, 1e-4, 1.0);  // warm-up: allocations, cuBLAS heuristics
+  std::size_t const peak = used_bytes() - before;
+  time_loop(state, be, [&] { (void)engine->step(tokens, batch, 1e-4, 1.0); });
+  double const bytes = double(batch) * L;
+  state.counters["bytes_per_second"] = benchmark::Counter(bytes * state.iterations(), benchmark::Counter::kIsRate);
+  state.counters["MFU"] = benchmark::Counter(6.0 * double(c.parameter_count()) * bytes / kPeakFlops *
+                                                 state.iterations(), benchmark::Counter::kIsRate);
+  state.counters["peak_GiB"] = double(peak) / double(1ull << 30);
+  state.counters["activation_GiB"] = double(engine->activation_bytes()) / double(1ull << 30);
+  state.counters["params_M"] = double(c.parameter_count()) / 1e6;
+}
+
+template <class S>
+void BM_Prefill(benchmark::State& state) {
+  int const batch = static_cast<int>(state.range(0)), L = static_cast<int>(state.range(1));
+  auto const be = make_be();
+  ModelConfig const c = bench_config();
+  mcu::DeviceWeights<S> w(host_weights(), be);
+  mcu::Model<S> m(be);
+  mcu::DeviceState st(c, batch, be);
+  auto const tokens = random_bytes(static_cast<std::size_t>(batch) * L, 9);
+  (void)m.forward(w, tokens, batch, L, st);
+  time_loop(state, be, [&] {
+    st.reset();
+    (void)m.forward(w, tokens, batch, L, st);
+  });
+  state.counters["bytes_per_second"] =
+      benchmark::Counter(double(batch) * L * state.iterations(), benchmark::Counter::kIsRate);
+}
+
+template <class S, bool kNoPdl = false, bool kUnfused = false>
+void BM_Decode(benchmark::State& state) {
+  int const batch = static_cast<int>(state.range(0));
+  auto const be = make_be();
+  ModelConfig const c = bench_config();
+  mcu::DeviceWeights<S> w(host_weights(), be);
+  if (kNoPdl) setenv("MAMBABYTE_NO_PDL", "1", 1);  // read when the model is constructed
+  mcu::Model<S> m(be);
+  if (kNoPdl) unsetenv("MAMBABYTE_NO_PDL");
+  if (kUnfused) m.set_fused_decode(false);
+  mcu::DeviceState st(c, batch, be);
+  auto const tokens = random_bytes(static_cast<std::size_t>(batch), 11);
+  for (int i = 0; i < 3; ++i) (void)m.step(w, tokens, st);  // capture + warm-up
+  time_loop(state, be, [&] { (void)m.step(w, tokens, st); });
+  double const weight_bytes = double(c.parameter_count()) * sizeof(S);
+  state.counters["bytes_per_second"] = benchmark::Counter(double(batch) * state.iterations(), benchmark::Counter::kIsRate);
+  state.counters["floor_frac"] =
+      benchmark::Counter(weight_bytes / kHbm * state.iterations(), benchmark::Counter::kIsRate);
+}
+
+void register_all() {
+  std::vector<std::pair<int, int>> train = g_quick ? std::vector<std::pair<int, int>>{{1, 256}, {2, 256}}
+                                                   : std::vector<std::pair<int, int>>{{1, 8192}, {4, 8192}};
+  std::vector<std::pair<int, int>> prefill = g_quick ? std::vector<std::pair<int, int>>{{1, 512}}
+                                                     : std::vector<std::pair<int, int>>{{1, 8192}, {8, 8192}};
+  std::vector<int> decode = {1, 4, 64};
+  int const it_train = g_quick ? 2 : 5, it_pre = g_quick ? 2 : 10, it_dec = g_quick ? 5 : 300;
+  for (auto [b, l] : train) {
+    benchmark::RegisterBenchmark("TrainStep/bf16", BM_TrainStep<mcu::bf16>)->Args({b, l})->UseManualTime()->Iterations(it_train)->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("TrainStep/fp32", BM_TrainStep<float>)->Args({b, l})->UseManualTime()->Iterations(it_train)->Unit(benchmark::kMillisecond);
+  }
+  for (auto [b, l] : prefill) {
+    benchmark::RegisterBenchmark("Prefill/bf16", BM_Prefill<mcu::bf16>)->Args({b, l})->UseManualTime()->Iterations(it_pre)->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("Prefill/fp32", BM_Prefill<float>)->Args({b, l})->UseManualTime()->Iterations(it_pre)->Unit(benchmark::kMillisecond);
+  }
+  for (int b : decode) {
+    benchmark::RegisterBenchmark("Decode/bf16", BM_Decode<mcu::bf16>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark("Decode/fp32", BM_Decode<float>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
+  }
+  // the fused decode step without programmatic dependent launch (plain kernel boundaries)
+  benchmark::RegisterBenchmark("DecodeNoPDL/bf16", BM_Decode<mcu::bf16, true>)->Arg(1)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
+  // the layer-by-layer step (cuBLAS GEMMs + state update) where the fused one is the default
+  for (int b : {1, 4})
+    benchmark::RegisterBenchmark("DecodeUnfused/bf16", BM_Decode<mcu::bf16, false, true>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "--quick") == 0) {
+    g_quick = true;
+    for (int i = 1; i + 1 < argc; ++i) argv[i] = argv[i + 1];
+    --argc;
+  }
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    std::printf("bench_cuda_model: no CUDA device, nothing to measure\n");
+    return 0;
+  }
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

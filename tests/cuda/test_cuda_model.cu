@@ -1,0 +1,516 @@
+// The whole model on the GPU (cuda::Model, DeviceWeights, DeviceState, CudaStepEngine) against
+// the CPU backend in double (itself checked against finite differences, the fp64 oracle and
+// PyTorch goldens in tests/test_backward_model.cpp and tests/test_golden.cpp):
+//  - training step: loss and every parameter's gradient, fp32 (tight) and bf16 (loose), every
+//    scan policy, LayerNorm/RMSNorm, tied/untied, biases, padded vocabulary, odd sizes;
+//  - stateful forward in chunks and the graph-captured decode step vs the CPU forward; step vs
+//    parallel; snapshot/restore; bits per byte vs the CPU;
+//  - the fused decode step (decode.cuh) vs the parallel forward on the device, fp32 and bf16,
+//    batch 1 (x_proj fused into the in_proj kernel), 5 and 64 (separate x_proj kernel, several
+//    batch passes), odd shapes; the graph step bitwise equal to forward(length 1);
+//  - the engine: bitwise determinism, exact resume (2 + 2 steps == 4 steps), the update vs the
+//    CPU AdamW, a non-finite loss leaves the weights untouched.
+// Without a GPU every case is skipped with a message (label `cuda`). [small]: the sanitizer set.
+#include <mambabyte/cuda.hpp>
+#include <mambabyte/mambabyte.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "test_util.hpp"
+
+namespace {
+
+using namespace mambabyte;
+namespace mcu = mambabyte::cuda;
+using mbtest::cast_weights;
+using mbtest::random_tokens;
+using mbtest::random_weights;
+using mbtest::rel_err;
+
+bool have_gpu() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+#define REQUIRE_GPU()                       \
+  do {                                      \
+    if (!have_gpu()) {                      \
+      WARN("no CUDA device: test skipped"); \
+      return;                               \
+    }                                       \
+  } while (0)
+
+backend::Cuda make_be() {
+  static cudaStream_t s = [] {
+    cudaStream_t x = nullptr;
+    MAMBABYTE_CUDA_CHECK(cudaStreamCreateWithFlags(&x, cudaStreamNonBlocking));
+    return x;
+  }();
+  backend::Cuda be;
+  be.stream = s;
+  return be;
+}
+
+ModelConfig config_variant(int v) {
+  ModelConfig c;
+  switch (v) {
+    case 0:  // MambaByte layout: LayerNorm + bias, untied head
+      c.d_model = 32; c.n_layer = 2; c.d_state = 16; c.d_conv = 4; c.tie_embeddings = false;
+      break;
+    case 1:  // RMSNorm, tied, in/out biases, no conv bias, odd sizes, padded vocab
+      c.d_model = 24; c.n_layer = 2; c.d_state = 8; c.d_conv = 3; c.dt_rank = 5; c.expand = 3;
+      c.bias = true; c.conv_bias = false; c.rms_norm = true; c.tie_embeddings = true; c.vocab_size = 264;
+      break;
+    default:  // several channel blocks (d_inner 200 > 128) and a ragged one, d_conv 2
+      c.d_model = 100; c.n_layer = 1; c.d_state = 16; c.d_conv = 2; c.rms_norm = false; c.tie_embeddings = false;
+      c.vocab_size = 259;
+      break;
+  }
+  c.finalize();
+  return c;
+}
+
+/// Per tensor: ||g_gpu - g_cpu|| / max(||g_cpu||, floor * ||g_cpu,all||) (small tensors are judged
+/// against the whole gradient's scale, not their own near-zero norm).
+double worst_tensor_error(ModelWeights<float> const& g, ModelWeights<double> const& ref, std::string* which) {
+  double total = 0;
+  for (double x : ref.flat()) total += x * x;
+  total = std::sqrt(total);
+  double worst = 0;
+  for (auto const& p : ref.parameters()) {
+    auto a = g.tensor(p);
+    auto b = ref.tensor(p);
+    double num = 0, den = 0;
+    for (std::size_t i = 0; i < b.size(); ++i) {
+      double const d = double(a[i]) - b[i];
+      num += d * d;
+      den += b[i] * b[i];
+    }
+    double const e = std::sqrt(num) / std::max(std::sqrt(den), 1e-3 * total);
+    if (e > worst) {
+      worst = e;
+      *which = p.name;
+    }
+  }
+  return worst;
+}
+
+struct StepCheck {
+  double loss_rel = 0, grad_rel = 0;
+  std::string worst;
+};
+
+template <class S, class Policy>
+StepCheck compare_step(ModelConfig const& c, int batch, int L, std::uint64_t seed) {
+  auto const wd = random_weights<double>(c, seed);
+  auto const wf = cast_weights<float>(wd);
+  auto const wd_exact = cast_weights<double>(wf);  // the CPU sees exactly the GPU's fp32 weights
+  std::mt19937_64 rng(seed + 1);
+  auto tokens = random_tokens(static_cast<std::size_t>(batch) * (L + 1), c.vocab_size, rng);
+  for (int b = 0; b < batch; ++b)
+    for (int t = 1; t <= L; ++t) tokens[b * (L + 1) + t] %= 256;  // targets are bytes
+  TrainingModel<double, scan::Sequential> cpu;
+  auto gcpu = TrainingModel<double, scan::Sequential>::make_gradients(c);
+  double const loss_cpu = cpu.forward_backward(wd_exact, tokens, batch, gcpu);
+
+  auto const be = make_be();
+  mcu::DeviceWeights<S> w(wf, be);
+  mcu::DeviceWeights<float> g(c, be);
+  mcu::Model<S, Policy> m(be);
+  double const loss_gpu = m.forward_backward(w, tokens, batch, g);
+  ModelWeights<float> gh(c);
+  g.download(gh);
+  StepCheck r;
+  r.loss_rel = std::abs(loss_gpu - loss_cpu) / std::abs(loss_cpu);
+  r.grad_rel = worst_tensor_error(gh, gcpu, &r.worst);
+  INFO("loss gpu " << loss_gpu << " cpu " << loss_cpu << "; worst gradient " << r.worst << " " << r.grad_rel);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("cuda model: fp32 training step equals the CPU step in double", "[cuda][model][small]") {
+  REQUIRE_GPU();
+  for (int v = 0; v < 3; ++v) {
+    auto const c = config_variant(v);
+    for (auto [batch, L] : {std::pair{1, 1}, std::pair{2, 37}, std::pair{3, 130}}) {
+      CAPTURE(v, batch, L);
+      auto const r = compare_step<float, scan::Sequential>(c, batch, L, 100 + v);
+      CAPTURE(r.worst, r.loss_rel, r.grad_rel);
+      CHECK(r.loss_rel < 2e-6);
+      CHECK(r.grad_rel < 2e-4);
+    }
+  }
+}
+
+TEST_CASE("cuda model: fp32 training step in every scan policy", "[cuda][model]") {
+  REQUIRE_GPU();
+  auto const c = config_variant(0);
+  auto const a = compare_step<float, scan::Chunked<16>>(c, 2, 100, 7);
+  CAPTURE(a.worst, a.loss_rel, a.grad_rel);
+  CHECK(a.loss_rel < 2e-6);
+  CHECK(a.grad_rel < 2e-4);
+  auto const b = compare_step<float, scan::Auto>(c, 2, 700, 8);
+  CAPTURE(b.worst, b.loss_rel, b.grad_rel);
+  CHECK(b.loss_rel < 2e-6);
+  CHECK(b.grad_rel < 2e-4);
+}
+
+TEST_CASE("cuda model: bf16 mixed-precision step is close to the CPU step in double", "[cuda][model][small]") {
+  REQUIRE_GPU();
+  for (int v = 0; v < 3; ++v) {
+    CAPTURE(v);
+    auto const r = compare_step<mcu::bf16, scan::Auto>(config_variant(v), 2, 64, 200 + v);
+    CAPTURE(r.worst, r.loss_rel, r.grad_rel);
+    CHECK(r.loss_rel < 1e-2);
+    CHECK(r.grad_rel < 0.1);  // bf16 activations: ~3 significant digits per operator
+  }
+}
+
+TEST_CASE("cuda model: gradients accumulate, are scaled, and are bitwise reproducible", "[cuda][model]") {
+  REQUIRE_GPU();
+  auto const c = config_variant(1);
+  auto const wf = random_weights<float>(c, 5);
+  std::mt19937_64 rng(6);
+  auto tokens = random_tokens(2 * 41, 256, rng);
+  auto const be = make_be();
+  mcu::DeviceWeights<float> w(wf, be);
+  mcu::Model<float> m(be);
+  mcu::DeviceWeights<float> g1(c, be), g2(c, be);
+  double const l1 = m.forward_backward(w, tokens, 2, g1);
+  double const l2 = m.forward_backward(w, tokens, 2, g2, 0.5);
+  (void)m.forward_backward(w, tokens, 2, g2, 0.5);  // g2 = 0.5 g + 0.5 g
+  CHECK(l1 == l2);
+  ModelWeights<float> h1(c), h2(c);
+  g1.download(h1);
+  g2.download(h2);
+  CHECK(rel_err(h2.flat(), h1.flat()) < 1e-6);
+  mcu::DeviceWeights<float> g3(c, be);
+  (void)m.forward_backward(w, tokens, 2, g3);
+  ModelWeights<float> h3(c);
+  g3.download(h3);
+  CHECK(std::equal(h1.flat().begin(), h1.flat().end(), h3.flat().begin()));  // deterministic
+}
+
+TEST_CASE("cuda model: stateful forward in chunks and the graph decode step match the CPU", "[cuda][model][small]") {
+  REQUIRE_GPU();
+  for (int v = 0; v < 3; ++v) {
+    CAPTURE(v);
+    auto const c = config_variant(v);
+    auto const wd = cast_weights<double>(random_weights<float>(c, 300 + v));
+    auto const wf = cast_weights<float>(wd);
+    int const batch = 3, L = 45, split = 29;
+    std::mt19937_64 rng(301);
+    auto const tokens = random_tokens(static_cast<std::size_t>(batch) * L, c.vocab_size, rng);
+    Model<double> cpu(wd);
+    auto const ref = cpu.forward(tokens, batch, L);  // (batch*L, V), no state
+    int const V = c.vocab_size;
+
+    auto const be = make_be();
+    mcu::DeviceWeights<float> w(wf, be);
+    mcu::Model<float> m(be);
+    mcu::DeviceState st(c, batch, be);
+    // chunk 1 (split tokens per sequence), then the rest one step at a time through the graph
+    std::vector<float> got(static_cast<std::size_t>(batch) * L * 256);
+    auto rows = [&](int t0, int len) {
+      std::vector<std::int32_t> x;
+      for (int b = 0; b < batch; ++b)
+        for (int t = t0; t < t0 + len; ++t) x.push_back(tokens[b * L + t]);
+      return x;
+    };
+    {
+      auto const x = rows(0, split);
+      float const* d = m.forward(w, x, batch, split, st);
+      std::vector<float> h(static_cast<std::size_t>(batch) * split * 256);
+      MAMBABYTE_CUDA_CHECK(cudaMemcpyAsync(h.data(), d, h.size() * 4, cudaMemcpyDeviceToHost, be.stream));
+      MAMBABYTE_CUDA_CHECK(cudaStreamSynchronize(be.stream));
+      for (int b = 0; b < batch; ++b)
+        for (int t = 0; t < split; ++t)
+          std::copy_n(&h[(static_cast<std::size_t>(b) * split + t) * 256], 256, &got[(static_cast<std::size_t>(b) * L + t) * 256]);
+    }
+    mcu::DeviceState snap = st.snapshot();
+    std::vector<float> first_step(batch * 256);
+    for (int t = split; t < L; ++t) {
+      auto const x = rows(t, 1);
+      float const* d = m.step(w, x, st);
+      std::vector<float> h(static_cast<std::size_t>(batch) * 256);
+      MAMBABYTE_CUDA_CHECK(cudaMemcpyAsync(h.data(), d, h.size() * 4, cudaMemcpyDeviceToHost, be.stream));
+      MAMBABYTE_CUDA_CHECK(cudaStreamSynchronize(be.stream));
+      if (t == split) first_step = h;
+      for (int b = 0; b < batch; ++b)
+        std::copy_n(&h[static_cast<std::size_t>(b) * 256], 256, &got[(static_cast<std::size_t>(b) * L + t) * 256]);
+    }
+    double num = 0, den = 0;
+    for (int r = 0; r < batch * L; ++r)
+      for (int k = 0; k < 256; ++k) {
+        double const d = got[static_cast<std::size_t>(r) * 256 + k] - ref[static_cast<std::size_t>(r) * V + k];
+        num += d * d;
+        den += ref[static_cast<std::size_t>(r) * V + k] * ref[static_cast<std::size_t>(r) * V + k];
+      }
+    CHECK(std::sqrt(num / den) < 1e-5);
+    CHECK_FALSE(m.fused_decode());  // fp32: the layer-by-layer step (the fused one is bf16 only)
+    // restore the snapshot: the same step gives bitwise the same logits
+    st.copy_from(snap);
+    auto const x = rows(split, 1);
+    float const* d = m.step(w, x, st);
+    std::vector<float> again(static_cast<std::size_t>(batch) * 256);
+    MAMBABYTE_CUDA_CHECK(cudaMemcpyAsync(again.data(), d, again.size() * 4, cudaMemcpyDeviceToHost, be.stream));
+    MAMBABYTE_CUDA_CHECK(cudaStreamSynchronize(be.stream));
+    CHECK(again == first_step);
+  }
+}
+
+namespace {
+
+std::vector<float> device_rows(float const* d, std::size_t rows, backend::Cuda const& be) {
+  std::vector<float> h(rows * 256);
+  MAMBABYTE_CUDA_CHECK(cudaMemcpyAsync(h.data(), d, h.size() * sizeof(float), cudaMemcpyDeviceToHost, be.stream));
+  MAMBABYTE_CUDA_CHECK(cudaStreamSynchronize(be.stream));
+  return h;
+}
+
+/// Odd shapes for the fused decode step: d_state 32 (16 states per thread), d_conv 5, dt_rank
+/// 70 (> 64: dt_proj columns beyond the registers; x_proj_out 134, not a multiple of 4),
+/// d_model 1040 (norm rows wider than the register path; fp32 in_proj in two k passes),
+/// in/out biases.
+ModelConfig decode_odd_config() {
+  ModelConfig c;
+  c.d_model = 1040; c.n_layer = 1; c.expand = 1; c.d_state = 32; c.d_conv = 5; c.dt_rank = 70;
+  c.bias = true; c.conv_bias = true; c.rms_norm = false; c.tie_embeddings = false; c.vocab_size = 256;
+  c.finalize();
+  return c;
+}
+
+struct DecodeCheck {
+  double rel = 0;          ///< relative RMS error of the step logits vs the parallel forward
+  bool bitwise = false;    ///< forward(length 1) on a snapshot == the graph step, bit for bit
+  bool finite = true;
+  bool fused = false;      ///< the step ran decode.cuh's kernels
+};
+
+/// The graph decode step (decode.cuh's fused kernels) against the same device model's parallel
+/// forward (scan + cuBLAS) over the whole sequence: a prefix of `split` tokens by forward(), the
+/// rest one step at a time.
+template <class S>
+DecodeCheck decode_vs_parallel(ModelConfig const& c, int batch, std::uint64_t seed) {
+  auto const wf = random_weights<float>(c, seed);
+  int const L = 9, split = 4;
+  std::mt19937_64 rng(seed + 1);
+  auto const tokens = random_tokens(static_cast<std::size_t>(batch) * L, c.vocab_size, rng);
+  auto rows = [&](int t0, int len) {
+    std::vector<std::int32_t> x;
+    for (int b = 0; b < batch; ++b)
+      for (int t = t0; t < t0 + len; ++t) x.push_back(tokens[static_cast<std::size_t>(b) * L + t]);
+    return x;
+  };
+  auto const be = make_be();
+  mcu::DeviceWeights<S> w(wf, be);
+  mcu::Model<S> m(be);
+  mcu::DeviceState s0(c, batch, be);
+  auto const ref = device_rows(m.forward(w, tokens, batch, L, s0), static_cast<std::size_t>(batch) * L, be);
+  mcu::DeviceState st(c, batch, be);
+  (void)m.forward(w, rows(0, split), batch, split, st);
+  DecodeCheck r;
+  double num = 0, den = 0;
+  for (int t = split; t < L; ++t) {
+    auto const x = rows(t, 1);
+    std::vector<float> via_forward;
+    if (t == split + 1) {
+      mcu::DeviceState snap = st.snapshot();
+      via_forward = device_rows(m.forward(w, x, batch, 1, snap), static_cast<std::size_t>(batch), be);
+    }
+    auto const got = device_rows(m.step(w, x, st), static_cast<std::size_t>(batch), be);
+    r.fused = m.fused_decode();
+    if (t == split + 1) r.bitwise = got == via_forward;
+    for (int b = 0; b < batch; ++b)
+      for (int k = 0; k < 256; ++k) {
+        double const e = ref[(static_cast<std::size_t>(b) * L + t) * 256 + k];
+        double const d = got[static_cast<std::size_t>(b) * 256 + k] - e;
+        if (!std::isfinite(d)) r.finite = false;
+        num += d * d;
+        den += e * e;
+      }
+  }
+  r.rel = std::sqrt(num / den);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("cuda model: decode step equals the parallel forward (batch 1, 4, 5, 64)", "[cuda][model][small]") {
+  REQUIRE_GPU();
+  int const fused_max = mcu::Model<float>::kFusedDecodeMaxBatch;
+  for (int v = 0; v < 4; ++v) {
+    auto const c = v < 3 ? config_variant(v) : decode_odd_config();
+    for (int batch : {1, 4, 5, 64}) {
+      CAPTURE(v, batch);
+      auto const f = decode_vs_parallel<float>(c, batch, 500 + v);
+      CAPTURE(f.rel);
+      CHECK_FALSE(f.fused);  // fp32 decodes layer by layer (faster there)
+      CHECK(f.finite);
+      CHECK(f.rel < 1e-5);
+      CHECK(f.bitwise);
+      auto const h = decode_vs_parallel<mcu::bf16>(c, batch, 600 + v);
+      CAPTURE(h.rel);
+      CHECK(h.fused == (batch <= fused_max));
+      CHECK(h.finite);
+      CHECK(h.rel < 2e-2);  // bf16 activations: the two paths round the same values, summed in other orders
+      CHECK(h.bitwise);
+    }
+  }
+}
+
+TEST_CASE("cuda model: bits per byte equal the CPU evaluation", "[cuda][model]") {
+  REQUIRE_GPU();
+  auto const c = config_variant(0);
+  auto const wf = random_weights<float>(c, 11);
+  std::string text;
+  for (int i = 0; i < 3000; ++i) text += static_cast<char>("the quick brown fox jumps over the lazy dog. "[i % 45]);
+  std::span<std::uint8_t const> data(reinterpret_cast<std::uint8_t const*>(text.data()), text.size());
+  EvalOptions eo;
+  eo.chunk = 700;  // several chunks, state carried
+  Model<double> cpu(cast_weights<double>(wf));
+  auto const ref = evaluate_bits_per_byte(cpu, data, eo);
+  auto const be = make_be();
+  mcu::DeviceWeights<float> w(wf, be);
+  mcu::Model<float> m(be);
+  auto const got = mcu::evaluate_bits_per_byte(m, w, data, eo);
+  CHECK(got.bytes_predicted == ref.bytes_predicted);
+  CHECK(std::abs(got.bits_per_byte - ref.bits_per_byte) < 1e-5 * ref.bits_per_byte);
+  mcu::DeviceWeights<mcu::bf16> wb(wf, be);
+  mcu::Model<mcu::bf16> mb(be);
+  auto const gb = mcu::evaluate_bits_per_byte(mb, wb, data, eo);
+  CHECK(std::abs(gb.bits_per_byte - ref.bits_per_byte) < 2e-2 * ref.bits_per_byte);
+}
+
+namespace {
+train::StepResult engine_steps(mcu::CudaStepEngine<float>& e, int from, int to, int batch, int L) {
+  train::StepResult r;
+  for (int s = from; s < to; ++s) {
+    std::mt19937_64 rng(1000 + s);
+    auto tokens = random_tokens(static_cast<std::size_t>(batch) * (L + 1), 256, rng);
+    r = e.step(tokens, batch, 1e-3 * (s + 1), 0.5);
+  }
+  return r;
+}
+}  // namespace
+
+TEST_CASE("cuda engine: AdamW step matches the CPU optimizer; resume is exact", "[cuda][engine][small]") {
+  REQUIRE_GPU();
+  auto const c = config_variant(0);
+  ModelWeights<float> w0 = random_weights<float>(c, 21);
+  train::AdamWOptions ao;
+  ao.lr = 1e-3;
+  train::AdamW<float> opt0(c, ao);
+  auto const be = make_be();
+  int const batch = 2, L = 33;
+
+  // one step against the CPU: same gradient (fp32 GPU vs CPU float), clipping and AdamW
+  {
+    mcu::CudaStepEngine<float> e(c, be);
+    e.load(w0, opt0);
+    std::mt19937_64 rng(1000);
+    auto tokens = random_tokens(static_cast<std::size_t>(batch) * (L + 1), 256, rng);
+    auto const r = e.step(tokens, batch, 1e-3, 0.5);
+    ModelWeights<float> wg(c);
+    train::AdamW<float> og(c, ao);
+    e.store(wg, og);
+    CHECK(og.step_count() == 1);
+
+    ModelWeights<float> wc = w0;
+    train::AdamW<float> oc(c, ao);
+    TrainingModel<float, scan::Sequential> tm;
+    auto g = TrainingModel<float, scan::Sequential>::make_gradients(c);
+    double const loss = tm.forward_backward(wc, tokens, batch, g);
+    double const norm = train::clip_grad_norm(g.flat(), 0.5);
+    oc.step(wc.flat(), std::span<float const>(g.flat()), 1e-3);
+    CHECK(std::abs(r.loss - loss) < 1e-5 * loss);
+    CHECK(std::abs(r.grad_norm - norm) < 1e-4 * norm);
+    // the update itself: compare the change of the weights
+    std::vector<double> dg, dc;
+    for (std::size_t i = 0; i < wc.flat().size(); ++i) {
+      dg.push_back(double(wg.flat()[i]) - w0.flat()[i]);
+      dc.push_back(double(wc.flat()[i]) - w0.flat()[i]);
+    }
+    CHECK(rel_err(dg, dc) < 1e-2);  // Adam's first step is ~lr * sign(g): tiny |g| entries may differ
+    CHECK(rel_err(og.first_moment(), oc.first_moment()) < 1e-4);
+  }
+
+  // 4 steps in one go vs 2 steps, store, a fresh engine loaded from the stored state, 2 more
+  ModelWeights<float> wa(c), wb(c);
+  train::AdamW<float> oa(c, ao), ob(c, ao);
+  train::StepResult ra, rb;
+  {
+    mcu::CudaStepEngine<float> e(c, be);
+    e.load(w0, opt0);
+    ra = engine_steps(e, 0, 4, batch, L);
+    e.store(wa, oa);
+  }
+  {
+    ModelWeights<float> mid(c);
+    train::AdamW<float> omid(c, ao);
+    {
+      mcu::CudaStepEngine<float> e(c, be);
+      e.load(w0, opt0);
+      (void)engine_steps(e, 0, 2, batch, L);
+      e.store(mid, omid);
+    }
+    mcu::CudaStepEngine<float> e2(c, be);
+    e2.load(mid, omid);
+    rb = engine_steps(e2, 2, 4, batch, L);
+    e2.store(wb, ob);
+  }
+  CHECK(ra.loss == rb.loss);
+  CHECK(oa.step_count() == 4);
+  CHECK(ob.step_count() == 4);
+  CHECK(std::equal(wa.flat().begin(), wa.flat().end(), wb.flat().begin()));
+  CHECK(std::equal(oa.second_moment().begin(), oa.second_moment().end(), ob.second_moment().begin()));
+}
+
+TEST_CASE("cuda engine: bf16 mixed precision trains and a non-finite loss updates nothing", "[cuda][engine]") {
+  REQUIRE_GPU();
+  auto const c = config_variant(0);
+  ModelWeights<float> w0 = random_weights<float>(c, 31);
+  train::AdamWOptions ao;
+  train::AdamW<float> opt0(c, ao);
+  auto const be = make_be();
+  mcu::CudaStepEngine<mcu::bf16> e(c, be);
+  e.load(w0, opt0);
+  // a repetitive text is learnt quickly: the loss must fall
+  std::vector<std::int32_t> tokens;
+  for (int b = 0; b < 4; ++b)
+    for (int t = 0; t <= 64; ++t) tokens.push_back("abcabdabe"[(b + t) % 9]);
+  double first = 0, last = 0;
+  for (int s = 0; s < 60; ++s) {
+    auto const r = e.step(tokens, 4, 3e-3, 1.0);
+    REQUIRE(std::isfinite(r.loss));
+    if (s == 0) first = r.loss;
+    last = r.loss;
+  }
+  CHECK(last < 0.5 * first);
+  // poison one weight with NaN: the step reports it and leaves everything as it was
+  ModelWeights<float> before(c);
+  train::AdamW<float> ob(c, ao);
+  e.store(before, ob);
+  ModelWeights<float> bad = before;
+  bad.flat()[bad.find("backbone.norm_f.weight")->offset] = std::nanf("");
+  e.load(bad, ob);
+  auto const r = e.step(tokens, 4, 3e-3, 1.0);
+  CHECK_FALSE(std::isfinite(r.loss));
+  ModelWeights<float> after(c);
+  train::AdamW<float> oa(c, ao);
+  e.store(after, oa);
+  CHECK(oa.step_count() == ob.step_count());
+  CHECK(std::equal(after.flat().begin(), after.flat().end(), bad.flat().begin(),
+                   [](float x, float y) { return x == y || (std::isnan(x) && std::isnan(y)); }));
+}
