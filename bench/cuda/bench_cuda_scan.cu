@@ -355,6 +355,7 @@ void run_shapes(Ctx const& cx) {
       row(name, t, f);
     };
     bench(scan::Sequential{}, "sequential");
+    bench(scan::Associative{}, "associative");
     bench(scan::Chunked<256>{}, "chunked<256>");
     bench(scan::Chunked<512>{}, "chunked<512>");
     bench(scan::Chunked<1024>{}, "chunked<1024>");

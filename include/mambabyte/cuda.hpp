@@ -22,6 +22,7 @@
 #include "mambabyte/backend/cuda/common.cuh"
 #include "mambabyte/backend/cuda/selective_scan.cuh"
 #include "mambabyte/backend/cuda/selective_scan_backward.cuh"
+#include "mambabyte/backend/cuda/selective_scan_associative.cuh"
 #include "mambabyte/backend/cuda/layers.cuh"
 #include "mambabyte/backend/cuda/selective_state_update.cuh"
 #include "mambabyte/backend/cuda/gemm.cuh"

@@ -14,6 +14,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "cuda_test_util.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,22 +37,7 @@ namespace layers = mambabyte::layers;
 namespace train = mambabyte::train;
 using dbf16 = __nv_bfloat16;
 
-bool have_gpu() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
-#define REQUIRE_GPU()                       \
-  do {                                      \
-    if (!have_gpu()) {                      \
-      WARN("no CUDA device: test skipped"); \
-      return;                               \
-    }                                       \
-  } while (0)
+using mbtest::have_gpu;
 
 constexpr double kTol = 1e-5;      // fp32 against the CPU (float)
 constexpr double kTolBf16 = 1e-2;  // a bf16-rounded output

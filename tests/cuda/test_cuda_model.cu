@@ -16,6 +16,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "cuda_test_util.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -33,22 +35,7 @@ using mbtest::random_tokens;
 using mbtest::random_weights;
 using mbtest::rel_err;
 
-bool have_gpu() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
-#define REQUIRE_GPU()                       \
-  do {                                      \
-    if (!have_gpu()) {                      \
-      WARN("no CUDA device: test skipped"); \
-      return;                               \
-    }                                       \
-  } while (0)
+using mbtest::have_gpu;
 
 backend::Cuda make_be() {
   static cudaStream_t s = [] {

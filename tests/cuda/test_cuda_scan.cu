@@ -7,6 +7,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "cuda_test_util.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -23,22 +25,7 @@ using mambabyte::backend::cuda::device_fill;
 namespace scan = mambabyte::scan;
 namespace ssm = mambabyte::ssm;
 
-bool have_gpu() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
-#define REQUIRE_GPU()                                  \
-  do {                                                 \
-    if (!have_gpu()) {                                 \
-      WARN("no CUDA device: test skipped");            \
-      return;                                          \
-    }                                                  \
-  } while (0)
+using mbtest::have_gpu;
 
 /// One problem: shapes, which optional inputs exist, and the layouts.
 struct Case {

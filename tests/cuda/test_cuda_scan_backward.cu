@@ -9,6 +9,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "cuda_test_util.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -26,22 +28,7 @@ namespace scan = mambabyte::scan;
 namespace ssm = mambabyte::ssm;
 namespace backend = mambabyte::backend;
 
-bool have_gpu() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
-#define REQUIRE_GPU()                       \
-  do {                                      \
-    if (!have_gpu()) {                      \
-      WARN("no CUDA device: test skipped"); \
-      return;                               \
-    }                                       \
-  } while (0)
+using mbtest::have_gpu;
 
 struct Case {
   int batch = 1, length = 1, d_inner = 1, d_state = 16;

@@ -20,6 +20,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "cuda_test_util.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -46,22 +48,7 @@ static_assert(std::is_same_v<ssm::SelectiveScanBackward<Cuda, bf, scan::Auto>::A
 static_assert(std::is_same_v<ssm::SelectiveScan<Cuda, float, scan::Chunked<64>>::Arguments,
                              ssm::SelectiveScanArguments<float>>);
 
-bool have_gpu() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
-#define REQUIRE_GPU()                       \
-  do {                                      \
-    if (!have_gpu()) {                      \
-      WARN("no CUDA device: test skipped"); \
-      return;                               \
-    }                                       \
-  } while (0)
+using mbtest::have_gpu;
 
 // ---- bf16 on the host (round to nearest even, as __float2bfloat16_rn) ----
 bf to_bf(float x) {

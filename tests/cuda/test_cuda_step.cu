@@ -16,6 +16,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "cuda_test_util.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -35,22 +37,7 @@ namespace scan = mambabyte::scan;
 namespace ssm = mambabyte::ssm;
 using bf = __nv_bfloat16;
 
-bool have_gpu() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
-#define REQUIRE_GPU()                       \
-  do {                                      \
-    if (!have_gpu()) {                      \
-      WARN("no CUDA device: test skipped"); \
-      return;                               \
-    }                                       \
-  } while (0)
+using mbtest::have_gpu;
 
 /// Host <-> storage type T (bf16: round to nearest even).
 template <class T>
