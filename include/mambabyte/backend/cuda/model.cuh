@@ -184,10 +184,10 @@ class DeviceState {
   }
   int batch() const { return batch_; }
   std::size_t size() const { return static_cast<std::size_t>(n_layer_) * batch_ * (conv_ + ssm_); }
-  float* conv(int l) { return data_.data() + static_cast<std::size_t>(l) * batch_ * conv_; }
-  float* ssm(int l) {
-    return data_.data() + static_cast<std::size_t>(n_layer_) * batch_ * conv_ + static_cast<std::size_t>(l) * batch_ * ssm_;
-  }
+  float* conv(int l) { return data_.data() + conv_offset(l); }
+  float* ssm(int l) { return data_.data() + ssm_offset(l); }
+  float const* conv(int l) const { return data_.data() + conv_offset(l); }
+  float const* ssm(int l) const { return data_.data() + ssm_offset(l); }
   float* data() { return data_.data(); }
   float const* data() const { return data_.data(); }
   void reset() { MAMBABYTE_CUDA_CHECK(cudaMemsetAsync(data_.data(), 0, size() * sizeof(float), be_.stream)); }
@@ -212,17 +212,20 @@ class DeviceState {
     require(b >= 0 && b < batch_ && ob >= 0 && ob < other.batch_ && other.conv_ == conv_ && other.ssm_ == ssm_ &&
                 other.n_layer_ == n_layer_,
             "device state: copy_sequence(", b, ", other, ", ob, ") out of range or between different models");
-    auto* self = const_cast<DeviceState*>(&other);
     for (int l = 0; l < n_layer_; ++l) {
       if (conv_)
-        MAMBABYTE_CUDA_CHECK(cudaMemcpyAsync(conv(l) + b * conv_, self->conv(l) + ob * conv_, conv_ * sizeof(float),
+        MAMBABYTE_CUDA_CHECK(cudaMemcpyAsync(conv(l) + b * conv_, other.conv(l) + ob * conv_, conv_ * sizeof(float),
                                              cudaMemcpyDeviceToDevice, be_.stream));
-      MAMBABYTE_CUDA_CHECK(cudaMemcpyAsync(ssm(l) + b * ssm_, self->ssm(l) + ob * ssm_, ssm_ * sizeof(float),
+      MAMBABYTE_CUDA_CHECK(cudaMemcpyAsync(ssm(l) + b * ssm_, other.ssm(l) + ob * ssm_, ssm_ * sizeof(float),
                                            cudaMemcpyDeviceToDevice, be_.stream));
     }
   }
 
  private:
+  std::size_t conv_offset(int l) const { return static_cast<std::size_t>(l) * batch_ * conv_; }
+  std::size_t ssm_offset(int l) const {
+    return static_cast<std::size_t>(n_layer_) * batch_ * conv_ + static_cast<std::size_t>(l) * batch_ * ssm_;
+  }
   backend::Cuda be_{};
   int batch_ = 0, n_layer_ = 0;
   std::size_t conv_ = 0, ssm_ = 0;
@@ -503,7 +506,7 @@ class Model {
     }
   }
 
-  typename Scan::Arguments scan_args(WeightViews<float> const& fw, int l, S const* xz, S const* xdbl) const {
+  typename Scan::Arguments scan_args(WeightViews<float> const& fw, int l, S const* xz, S const* xdbl) {
     typename Scan::Arguments sa{};
     sa.batch = batch_; sa.length = L_; sa.d_inner = di_; sa.d_state = N_;
     sa.u = u_.data(); sa.ld_u = di_;
@@ -514,7 +517,7 @@ class Model {
     sa.C = xdbl + R_ + N_; sa.ld_C = X_;
     sa.D = fw.layers[l].D;
     sa.z = xz + di_; sa.ld_z = 2 * di_;
-    sa.out = const_cast<S*>(y_.data()); sa.ld_out = di_;
+    sa.out = y_.data(); sa.ld_out = di_;
     return sa;
   }
 
