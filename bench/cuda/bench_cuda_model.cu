@@ -6,10 +6,12 @@
 //     Counters: bytes/s, MFU = 6 params bytes/s / 790 TFLOP/s (the reference's definition),
 //     peak_GiB = device memory in use after the step minus before the engine existed.
 //   - Prefill/<precision>/<batch>/<length>: the stateful forward (logits of every byte).
-//   - Decode/<precision>/<batch>: one graph-replayed decode step (decode.cuh's fused kernels);
-//     bytes/s = batch / time; floor_frac = (bytes of weights in the compute precision / 4.8 TB/s)
-//     / time. DecodeNoPDL: the same without programmatic dependent launch; DecodeUnfused: the
-//     layer-by-layer step (cuBLAS + state update) where the fused one is the default (bf16, b<=4).
+//   - Decode/<precision>/<batch>: one graph-replayed decode step (the default path: bf16 batch
+//     <= 4 the persistent kernel of decode_persistent.cuh, else layer by layer); bytes/s = batch /
+//     time; floor_frac = (bytes of weights in the compute precision / 4.8 TB/s) / time; counters
+//     persistent / fused say which path ran. DecodeFusedPDL: decode.cuh's 3 kernels per layer
+//     chained with PDL; DecodeNoPDL: the same without PDL; DecodeUnfused: the layer-by-layer step
+//     (cuBLAS + state update).
 // --quick on the command line (first argument): a 2-layer d_model 128 model, tiny shapes (ctest).
 #include <mambabyte/cuda.hpp>
 #include <mambabyte/mambabyte.hpp>
@@ -140,7 +142,7 @@ void BM_Prefill(benchmark::State& state) {
       benchmark::Counter(double(batch) * L * state.iterations(), benchmark::Counter::kIsRate);
 }
 
-template <class S, bool kNoPdl = false, bool kUnfused = false>
+template <class S, bool kNoPdl = false, bool kUnfused = false, bool kNoPersistent = false, int kProfile = 0>
 void BM_Decode(benchmark::State& state) {
   int const batch = static_cast<int>(state.range(0));
   auto const be = make_be();
@@ -150,10 +152,14 @@ void BM_Decode(benchmark::State& state) {
   mcu::Model<S> m(be);
   if (kNoPdl) unsetenv("MAMBABYTE_NO_PDL");
   if (kUnfused) m.set_fused_decode(false);
+  if (kNoPersistent || kNoPdl) m.set_persistent_decode(false);
+  m.set_decode_profile(kProfile);
   mcu::DeviceState st(c, batch, be);
   auto const tokens = random_bytes(static_cast<std::size_t>(batch), 11);
   for (int i = 0; i < 3; ++i) (void)m.step(w, tokens, st);  // capture + warm-up
   time_loop(state, be, [&] { (void)m.step(w, tokens, st); });
+  state.counters["persistent"] = m.persistent_decode() ? 1 : 0;
+  state.counters["fused"] = m.fused_decode() ? 1 : 0;
   double const weight_bytes = double(c.parameter_count()) * sizeof(S);
   state.counters["bytes_per_second"] = benchmark::Counter(double(batch) * state.iterations(), benchmark::Counter::kIsRate);
   state.counters["floor_frac"] =
@@ -179,6 +185,11 @@ void register_all() {
     benchmark::RegisterBenchmark("Decode/bf16", BM_Decode<mcu::bf16>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark("Decode/fp32", BM_Decode<float>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
   }
+  // decode.cuh's fused kernels (3 per layer, PDL) where the persistent step is the default
+  for (int b : {1, 4})
+    benchmark::RegisterBenchmark("DecodeFusedPDL/bf16", BM_Decode<mcu::bf16, false, false, true>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
+  // anatomy of the persistent step: without the grid-barrier waits (wrong results, timing only)
+  benchmark::RegisterBenchmark("DecodeAnatomy/bf16/no_wait", BM_Decode<mcu::bf16, false, false, false, 1>)->Arg(1)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
   // the fused decode step without programmatic dependent launch (plain kernel boundaries)
   benchmark::RegisterBenchmark("DecodeNoPDL/bf16", BM_Decode<mcu::bf16, true>)->Arg(1)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
   // the layer-by-layer step (cuBLAS GEMMs + state update) where the fused one is the default

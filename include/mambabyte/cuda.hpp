@@ -27,5 +27,6 @@
 #include "mambabyte/backend/cuda/selective_state_update.cuh"
 #include "mambabyte/backend/cuda/gemm.cuh"
 #include "mambabyte/backend/cuda/decode.cuh"
+#include "mambabyte/backend/cuda/decode_persistent.cuh"
 #include "mambabyte/backend/cuda/model.cuh"
 #include "mambabyte/backend/cuda/train_engine.cuh"

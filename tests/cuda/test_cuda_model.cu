@@ -282,14 +282,16 @@ struct DecodeCheck {
   double rel = 0;          ///< relative RMS error of the step logits vs the parallel forward
   bool bitwise = false;    ///< forward(length 1) on a snapshot == the graph step, bit for bit
   bool finite = true;
-  bool fused = false;      ///< the step ran decode.cuh's kernels
+  bool fused = false;      ///< the step ran decode.cuh's kernels or the persistent step
+  bool persistent = false; ///< the step ran decode_persistent.cuh's single kernel
+  std::vector<float> last; ///< the last step's logits (batch, 256)
 };
 
 /// The graph decode step (decode.cuh's fused kernels) against the same device model's parallel
 /// forward (scan + cuBLAS) over the whole sequence: a prefix of `split` tokens by forward(), the
 /// rest one step at a time.
 template <class S>
-DecodeCheck decode_vs_parallel(ModelConfig const& c, int batch, std::uint64_t seed) {
+DecodeCheck decode_vs_parallel(ModelConfig const& c, int batch, std::uint64_t seed, bool allow_persistent = true) {
   auto const wf = random_weights<float>(c, seed);
   int const L = 9, split = 4;
   std::mt19937_64 rng(seed + 1);
@@ -303,6 +305,7 @@ DecodeCheck decode_vs_parallel(ModelConfig const& c, int batch, std::uint64_t se
   auto const be = make_be();
   mcu::DeviceWeights<S> w(wf, be);
   mcu::Model<S> m(be);
+  m.set_persistent_decode(allow_persistent);
   mcu::DeviceState s0(c, batch, be);
   auto const ref = device_rows(m.forward(w, tokens, batch, L, s0), static_cast<std::size_t>(batch) * L, be);
   mcu::DeviceState st(c, batch, be);
@@ -318,7 +321,9 @@ DecodeCheck decode_vs_parallel(ModelConfig const& c, int batch, std::uint64_t se
     }
     auto const got = device_rows(m.step(w, x, st), static_cast<std::size_t>(batch), be);
     r.fused = m.fused_decode();
+    r.persistent = m.persistent_decode();
     if (t == split + 1) r.bitwise = got == via_forward;
+    r.last = got;
     for (int b = 0; b < batch; ++b)
       for (int k = 0; k < 256; ++k) {
         double const e = ref[(static_cast<std::size_t>(b) * L + t) * 256 + k];
@@ -350,11 +355,79 @@ TEST_CASE("cuda model: decode step equals the parallel forward (batch 1, 4, 5, 6
       auto const h = decode_vs_parallel<mcu::bf16>(c, batch, 600 + v);
       CAPTURE(h.rel);
       CHECK(h.fused == (batch <= fused_max));
+      // the persistent step needs d_model and d_inner multiples of 32: only variant 0 here
+      CHECK(h.persistent == (v == 0 && batch <= mcu::Model<mcu::bf16>::kPersistentDecodeMaxBatch));
       CHECK(h.finite);
       CHECK(h.rel < 2e-2);  // bf16 activations: the two paths round the same values, summed in other orders
       CHECK(h.bitwise);
     }
   }
+}
+
+namespace {
+
+/// Shapes of the persistent decode step (d_model, d_inner multiples of 32): several layers;
+/// RMSNorm with biases, no conv bias, tied head, d_state 32, d_conv 5, an x_proj width that is
+/// not a multiple of 4 (scalar partial sums); a model whose channel blocks (24 channels each on
+/// a 132-SM H200) leave the last one partial.
+ModelConfig persistent_config(int v) {
+  ModelConfig c;
+  switch (v) {
+    case 0:
+      c.d_model = 64; c.n_layer = 3; c.d_state = 16; c.d_conv = 4; c.rms_norm = false; c.tie_embeddings = false;
+      break;
+    case 1:
+      c.d_model = 96; c.n_layer = 2; c.expand = 3; c.d_state = 32; c.d_conv = 5; c.dt_rank = 5;
+      c.bias = true; c.conv_bias = false; c.rms_norm = true; c.tie_embeddings = true; c.vocab_size = 264;
+      break;
+    default:  // d_inner 2176: 24 channels per block on 132 SMs, the last block has 16
+      c.d_model = 544; c.n_layer = 1; c.expand = 4; c.d_state = 16; c.d_conv = 4; c.rms_norm = false;
+      c.tie_embeddings = false;
+      break;
+  }
+  c.finalize();
+  return c;
+}
+
+double rel_rms(std::vector<float> const& a, std::vector<float> const& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    double const d = double(a[i]) - double(b[i]);
+    num += d * d;
+    den += double(b[i]) * double(b[i]);
+  }
+  return a.size() == b.size() ? std::sqrt(num / den) : 1e300;
+}
+
+}  // namespace
+
+TEST_CASE("cuda model: the persistent decode step equals the parallel forward and the fused kernels",
+          "[cuda][model][small]") {
+  REQUIRE_GPU();
+  for (int v = 0; v < 3; ++v) {
+    auto const c = persistent_config(v);
+    for (int batch : {1, 2, 3, 4}) {
+      CAPTURE(v, batch);
+      auto const p = decode_vs_parallel<mcu::bf16>(c, batch, 700 + v);
+      CAPTURE(p.rel);
+      CHECK(p.persistent);
+      CHECK(p.finite);
+      CHECK(p.rel < 2e-2);  // as the fused kernels: same rounding points, other summation orders
+      CHECK(p.bitwise);     // forward(length 1) runs the same kernel: bit for bit
+      auto const again = decode_vs_parallel<mcu::bf16>(c, batch, 700 + v);
+      CHECK(again.last == p.last);  // fixed summation orders: reproducible run to run
+      auto const f = decode_vs_parallel<mcu::bf16>(c, batch, 700 + v, false);
+      CHECK_FALSE(f.persistent);
+      CAPTURE(f.rel);
+      double const pf = rel_rms(p.last, f.last);
+      CAPTURE(pf);
+      CHECK(pf < 2e-2);
+    }
+  }
+  // batch 5 is beyond the persistent step: the layer-by-layer path, still correct
+  auto const q = decode_vs_parallel<mcu::bf16>(persistent_config(0), 5, 710);
+  CHECK_FALSE(q.persistent);
+  CHECK(q.rel < 2e-2);
 }
 
 TEST_CASE("cuda model: bits per byte equal the CPU evaluation", "[cuda][model]") {

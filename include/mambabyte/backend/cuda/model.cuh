@@ -50,6 +50,7 @@
 
 #include "mambabyte/backend/cuda/common.cuh"
 #include "mambabyte/backend/cuda/decode.cuh"
+#include "mambabyte/backend/cuda/decode_persistent.cuh"
 #include "mambabyte/backend/cuda/gemm.cuh"
 #include "mambabyte/backend/cuda/layers.cuh"
 #include "mambabyte/backend/cuda/selective_scan.cuh"
@@ -343,14 +344,18 @@ class Model {
         if (st != cudaSuccess) graph_exec_ = nullptr;
         MAMBABYTE_CUDA_CHECK(st);
       };
-      try {
-        capture();
-      } catch (Error const&) {
-        // programmatic dependent launch could not be captured here: plain launches instead
-        if (!(decode_ && pdl_)) throw;
-        (void)cudaGetLastError();
-        pdl_ = false;
-        capture();
+      for (;;) {
+        try {
+          capture();
+          break;
+        } catch (Error const&) {
+          // a launch attribute could not be captured here: drop it and capture again
+          // (the cooperative attribute of the persistent step, then PDL of the fused kernels)
+          (void)cudaGetLastError();
+          if (persistent_ && coop_) coop_ = false;
+          else if (decode_ && !persistent_ && pdl_) pdl_ = false;
+          else throw;
+        }
       }
       graph_w_ = &w; graph_state_ = &state; graph_batch_ = batch;
       graph_data_ = state.data(); graph_wdata_ = w.master_data();
@@ -373,6 +378,23 @@ class Model {
     allow_fused_ = allowed;
     rows_ = 0;  // re-run prepare_inference's choice
   }
+  /// Largest batch that uses the persistent step (decode_persistent.cuh; bf16 only).
+  static constexpr int kPersistentDecodeMaxBatch = bc::persistent_detail::kMaxBatch;
+  /// Allow (default) or forbid the persistent decode step (then the fused kernels of decode.cuh
+  /// run where they apply; benchmarks compare the two).
+  void set_persistent_decode(bool allowed) {
+    if (allowed != allow_persistent_) ++generation_;
+    allow_persistent_ = allowed;
+    rows_ = 0;
+  }
+  /// Benchmarks only: time parts of the persistent step (decode_persistent.cuh Params::profile;
+  /// 0 = the real step; other values give wrong logits and states).
+  void set_decode_profile(int profile) {
+    if (profile != profile_) ++generation_;
+    profile_ = profile;
+  }
+  /// Whether the last inference call ran the persistent single-kernel step.
+  bool persistent_decode() const { return persistent_; }
   /// Whether the last inference call (forward / step) ran decode.cuh's fused single-token
   /// kernels (length 1, bf16, batch <= kFusedDecodeMaxBatch, supported dimensions) rather than
   /// the layer-by-layer path.
@@ -498,9 +520,15 @@ class Model {
       fit(ws_, workspace_bytes(false));
       if (h_end_.size() != std::size_t(batch) * di_ * N_) h_end_ = bc::DeviceBuffer<float>(std::size_t(batch) * di_ * N_, be_);
     }
-    decode_ = allow_fused_ && std::is_same_v<S, bf16> && length == 1 && batch <= kFusedDecodeMaxBatch &&
-              bc::decode_supported<S>(decode_dims(), be_.device);
-    if (decode_) {
+    bool const fusable = allow_fused_ && std::is_same_v<S, bf16> && length == 1;
+    persistent_ = fusable && allow_persistent_ && batch <= kPersistentDecodeMaxBatch &&
+                  bc::persistent_decode_supported(decode_dims(), be_.device);
+    decode_ = persistent_ || (fusable && batch <= kFusedDecodeMaxBatch && bc::decode_supported<S>(decode_dims(), be_.device));
+    if (persistent_) {
+      fit(xpart_, std::max<std::size_t>(bc::persistent_decode_xpart_floats(decode_dims(), be_.device), 4));
+      if (barrier_.size() == 0) barrier_ = bc::DeviceBuffer<unsigned>(1, be_);
+      bc::persistent_decode_setup(be_);
+    } else if (decode_) {
       fit(xpart_, std::max<std::size_t>(bc::decode_xpart_floats<S>(decode_dims()), 4));
       bc::decode_setup<S>(be_, decode_dims());
     }
@@ -670,6 +698,15 @@ class Model {
     a.y = y_.data();
     a.xpart = xpart_.data();
     a.logits = logits_.data();
+    if constexpr (std::is_same_v<S, bf16>) {
+      if (persistent_) {
+        // DeviceWeights / DeviceState / the scratch are cudaMalloc'd and, with the dimensions
+        // persistent_decode_supported accepts, every view starts on a 16-byte boundary
+        // (persistent_decode_step checks it and names the failure otherwise).
+        bc::persistent_decode_step(be_, a, barrier_.data(), coop_, profile_);
+        return;
+      }
+    }
     bc::decode_step<S>(be_, a, pdl_);
   }
 
@@ -786,6 +823,11 @@ class Model {
   int graph_batch_ = 0;
   std::uint64_t generation_ = 0, graph_generation_ = 0;
   bool allow_fused_ = true;
+  bool allow_persistent_ = true;
+  bool persistent_ = false;               ///< the current inference shape runs the persistent step
+  bool coop_ = true;                      ///< launch it with the cooperative attribute
+  int profile_ = 0;                       ///< benchmarks only (set_decode_profile)
+  bc::DeviceBuffer<unsigned> barrier_;    ///< its grid-barrier counter
   bool decode_ = false;                   ///< the current inference shape runs decode.cuh's fused step
   bool pdl_ = default_pdl(be_.device);    ///< chain the fused step's kernels with PDL
 };

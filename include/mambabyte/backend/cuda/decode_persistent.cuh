@@ -1,0 +1,762 @@
+/*! \file
+ *  \brief The persistent decode step: one kernel runs a whole single-token step of a bf16 Mamba
+ *         LM (every layer and the head), its blocks resident on all SMs and synchronised by a
+ *         grid barrier, three barriers per layer. It replaces decode.cuh's chain of 3 kernels per
+ *         layer (each paying a launch and a drain) where it applies: bf16, batch <= 4.
+ *
+ *  Work split (G blocks, one per SM; block g):
+ *   - channels c0 = g * cpb .. c0 + cpb (cpb = ceil(d_inner / G) rounded up to 8) for the phases
+ *     A and B, whose data never leaves the block except through the two reductions below;
+ *   - out_proj rows m0 = g * rpb .. (rpb = ceil(d_model / G) rounded up to 8) for phase C;
+ *   - head rows g * hpb .. for the final phase.
+ *  Per layer l:
+ *   A  norm(r) for every batch row (each block recomputes it: d_model wide), in_proj rows of its
+ *      channels (x and z) on the tensor cores, the causal conv step + SiLU -> u, z kept in shared
+ *      memory, and the x_proj partial sums over its channels -> xpart[b][g][:].      (barrier)
+ *   B  xdbl = round_S(sum of the partials in block order), then per channel dt_proj, softplus,
+ *      the state update, D skip and SiLU(z) gate -> y[b][channel] (global).         (barrier)
+ *   C  out_proj rows of the block over the whole y, residual r[b][m] += round_S(. + bias).
+ *                                                                                  (barrier)
+ *  Head: norm_f(r) times the block's rows of lm_head -> fp32 logits.
+ *
+ *  Weight streaming: each block copies (cp.async, 16 bytes per thread and instruction) the
+ *  slices of the next layer's weights, its per-channel fp32 parameters and its slice of the
+ *  recurrent state into shared memory as soon as the current layer's phase has consumed the
+ *  previous copy, i.e. a phase ahead; three commit groups per layer (A, B, C) and
+ *  cp.async.wait_group 2 at the start of each phase. The barriers' latency thus overlaps the
+ *  HBM traffic; what remains on the critical path are the L2 round trips of r, xpart and y.
+ *
+ *  Numerics: the rounding points of decode.cuh and the layer-by-layer path are kept (normed
+ *  input, xz, u, xdbl, y and the out_proj output rounded to bf16; fp32 state, residual and
+ *  accumulators); only fp32 summation orders differ. Every sum has a fixed order: results are
+ *  bitwise reproducible run to run.
+ *
+ *  Grid barrier: a counter zeroed before the launch; each block's thread 0 adds 1 with release
+ *  semantics after a block barrier and spins (acquire loads) until the counter reaches k * G
+ *  for the k-th barrier. The kernel is launched with the cooperative attribute so that the
+ *  driver guarantees co-residency (or refuses the launch); a barrier that waits longer than
+ *  kBarrierTimeoutNs traps instead of hanging.
+ */
+#pragma once
+
+#if !defined(__CUDACC__)
+#error "backend/cuda headers need nvcc; include <mambabyte/cuda.hpp> from a .cu file"
+#endif
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "mambabyte/backend/cuda/common.cuh"
+#include "mambabyte/backend/cuda/decode.cuh"
+#include "mambabyte/core/error.hpp"
+
+namespace mambabyte::backend::cuda {
+
+namespace persistent_detail {
+
+inline constexpr int kThreads = 512;
+inline constexpr int kWarps = kThreads / 32;
+inline constexpr int kMaxBatch = 4;       ///< batch rows of the persistent step (xpart traffic grows with it)
+inline constexpr int kMaxLayers = 128;    ///< layers whose parameter pointers fit in the kernel parameters
+inline constexpr int kNormVec = 8;        ///< float4 per thread of a norm row
+inline constexpr unsigned long long kBarrierTimeoutNs = 10ull * 1000 * 1000 * 1000;
+
+using bf16_t = __nv_bfloat16;
+
+/// Per-layer pointers (as DecodeLayer<bf16>), in the kernel's parameter space.
+struct LayerPtrs {
+  float const* norm_w;
+  float const* norm_b;
+  bf16_t const* in_w;
+  float const* in_b;
+  float const* conv_w;
+  float const* conv_b;
+  bf16_t const* x_w;
+  bf16_t const* dt_w;
+  float const* dt_b;
+  float const* A_log;
+  float const* D;
+  bf16_t const* out_w;
+  float const* out_b;
+  float* conv_state;
+  float* ssm_state;
+};
+
+__host__ __device__ constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
+__host__ __device__ constexpr int ceil_div(int x, int m) { return (x + m - 1) / m; }
+
+/// Work split and shared-memory layout (byte offsets), computed identically on both sides.
+struct Layout {
+  int G = 0, B = 0, dm = 0, di = 0, N = 0, R = 0, X = 0, dc = 0, classes = 0;
+  int cpb = 0, nxb = 0;  ///< channels per block (multiple of 8), blocks owning channels
+  int rpb = 0, ncb = 0;  ///< out_proj rows per block (multiple of 8), blocks owning rows
+  int hpb = 0, nhb = 0;  ///< head rows per block, blocks owning head rows
+  int sA = 0, sC = 0;    ///< smem row strides (bytes) of d_model- and d_inner-wide bf16 rows
+  int ksA = 1, ksC = 1, ksH = 1;  ///< k splits of the three GEMVs
+  int redA = 0, redC = 0, redH = 0;
+  std::size_t oWA = 0, oWX = 0, oNW = 0, oNB = 0, oCW = 0, oCB = 0, oIB = 0, oCS = 0;  // group A
+  std::size_t oWD = 0, oDB = 0, oAL = 0, oDD = 0, oSS = 0;                            // group B
+  std::size_t oWC = 0, oOB = 0;                                                        // group C
+  std::size_t oWH = 0, oFW = 0, oFB = 0;                                               // head
+  std::size_t oXN = 0, oY = 0, oRed = 0, oOut = 0, oU = 0, oZ = 0, oXD = 0, oStat = 0;
+  std::size_t oRO = 0;   ///< the block's out_proj rows of the residual (B x rpb fp32), kept across layers
+  std::size_t bytes = 0;
+
+  __host__ __device__ static int row_stride(int K) { return round_up(2 * K, 128) + 64; }  // 64 mod 128
+
+  __host__ __device__ static int ksplit(int rows_pad, int K) {
+    int const groups = rows_pad / 16;
+    int ks = kWarps / groups;
+    ks = ks < 1 ? 1 : ks;
+    return ks > K / 32 ? K / 32 : ks;
+  }
+
+  __host__ __device__ Layout(int G_, int B_, int dm_, int di_, int N_, int R_, int dc_, int classes_)
+      : G(G_), B(B_), dm(dm_), di(di_), N(N_), R(R_), X(R_ + 2 * N_), dc(dc_), classes(classes_) {
+    cpb = round_up(ceil_div(di, G), 8);
+    nxb = ceil_div(di, cpb);
+    rpb = round_up(ceil_div(dm, G), 8);
+    ncb = ceil_div(dm, rpb);
+    hpb = round_up(ceil_div(classes, G), 8);
+    nhb = ceil_div(classes, hpb);
+    sA = row_stride(dm);
+    sC = row_stride(di);
+    ksA = ksplit(round_up(2 * cpb, 16), dm);
+    ksC = ksplit(round_up(rpb, 16), di);
+    ksH = ksplit(round_up(hpb, 16), dm);
+    redA = ksA * round_up(2 * cpb, 16) * 8;
+    redC = ksC * round_up(rpb, 16) * 8;
+    redH = ksH * round_up(hpb, 16) * 8;
+    std::size_t o = 0;
+    auto take = [&o](std::size_t bytes_) {
+      std::size_t const at = o;
+      o += (bytes_ + 127) / 128 * 128;
+      return at;
+    };
+    oWA = take(static_cast<std::size_t>(2 * cpb) * sA);
+    oWX = take(static_cast<std::size_t>(X) * cpb * 2);
+    oNW = take(static_cast<std::size_t>(dm) * 4);
+    oNB = take(static_cast<std::size_t>(dm) * 4);
+    oCW = take(static_cast<std::size_t>(cpb) * dc * 4);
+    oCB = take(static_cast<std::size_t>(cpb) * 4);
+    oIB = take(static_cast<std::size_t>(2 * cpb) * 4);
+    oCS = take(static_cast<std::size_t>(B) * (dc - 1 > 0 ? dc - 1 : 1) * cpb * 4);
+    oWD = take(static_cast<std::size_t>(cpb) * R * 2);
+    oDB = take(static_cast<std::size_t>(cpb) * 4);
+    oAL = take(static_cast<std::size_t>(cpb) * N * 4);
+    oDD = take(static_cast<std::size_t>(cpb) * 4);
+    oSS = take(static_cast<std::size_t>(B) * cpb * N * 4);
+    oWC = take(static_cast<std::size_t>(rpb) * sC);
+    oOB = take(static_cast<std::size_t>(rpb) * 4);
+    oWH = take(static_cast<std::size_t>(hpb) * sA);
+    oFW = take(static_cast<std::size_t>(dm) * 4);
+    oFB = take(static_cast<std::size_t>(dm) * 4);
+    oXN = take(static_cast<std::size_t>(B) * sA);
+    oY = take(static_cast<std::size_t>(B) * sC);
+    int const red = redA > redC ? (redA > redH ? redA : redH) : (redC > redH ? redC : redH);
+    oRed = take(static_cast<std::size_t>(red) * 4);
+    int const outr = round_up(2 * cpb, 16) > round_up(rpb, 16) ? round_up(2 * cpb, 16) : round_up(rpb, 16);
+    oOut = take(static_cast<std::size_t>(outr > round_up(hpb, 16) ? outr : round_up(hpb, 16)) * 8 * 4);
+    oU = take(static_cast<std::size_t>(B) * cpb * 4);
+    oZ = take(static_cast<std::size_t>(B) * cpb * 4);
+    oXD = take(static_cast<std::size_t>(B) * X * 4);
+    oStat = take(2 * kWarps * 4);
+    oRO = take(static_cast<std::size_t>(B) * rpb * 4);
+    bytes = o;
+  }
+};
+
+struct Params {
+  int n_layer = 0;
+  float eps = 1e-5f;
+  bool rms = false;
+  std::int32_t const* tokens = nullptr;  ///< (B)
+  float const* table = nullptr;          ///< (vocab, d_model) fp32
+  float const* norm_f_w = nullptr;
+  float const* norm_f_b = nullptr;
+  bf16_t const* head = nullptr;          ///< (>= classes, d_model)
+  float* resid = nullptr;                ///< (B, d_model)
+  bf16_t* y = nullptr;                   ///< (B, d_inner)
+  float* xpart = nullptr;                ///< (B, nxb, X)
+  float* logits = nullptr;               ///< (B, classes)
+  unsigned* barrier = nullptr;           ///< zeroed before the launch
+  int profile = 0;  ///< benchmarks only (wrong results): 1 = no barrier waits
+  LayerPtrs layers[kMaxLayers];
+};
+
+// ---- device helpers ----------------------------------------------------------------------------
+
+/// Threads that issue the weight copies: all but warp 0, whose thread 0 runs the grid barrier
+/// (its release fence then never waits for copies in flight).
+inline constexpr int kCopyThreads = kThreads - 32;
+
+/// rows x row_bytes (multiples of 16) from global (row stride gstride bytes) into shared memory
+/// (row stride sstride) with cp.async (16 bytes per copy, L2 only), spread over the copy threads;
+/// completed by the commit group the caller closes.
+__device__ __forceinline__ void stage_rows(unsigned char* dst, int sstride, void const* src, std::size_t gstride,
+                                           int rows, int row_bytes) {
+  int const per = row_bytes / 16;
+  auto const* s8 = static_cast<unsigned char const*>(src);
+  for (int i = static_cast<int>(threadIdx.x) - 32; i < rows * per; i += kCopyThreads) {
+    if (i < 0) continue;
+    int const r = i / per, c = i - r * per;
+    decode_detail::cp_async16(dst + static_cast<std::size_t>(r) * sstride + 16 * c,
+                              s8 + static_cast<std::size_t>(r) * gstride + 16 * c);
+  }
+}
+__device__ __forceinline__ void stage(unsigned char* dst, void const* src, int bytes) {
+  stage_rows(dst, bytes, src, static_cast<std::size_t>(bytes), 1, bytes);
+}
+__device__ __forceinline__ void cp_async_wait_2() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group 2;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ unsigned long long globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+/// Arrival at a grid barrier: after a block barrier (the block's writes happen before), thread 0
+/// adds 1 to the counter with release semantics.
+__device__ __forceinline__ void grid_arrive(unsigned* counter) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(counter), "r"(1u) : "memory");
+  }
+}
+
+/// Completion of the k-th grid barrier (target = k * gridDim.x): thread 0 spins with acquire loads,
+/// then a block barrier. Copies issued between arrive and wait overlap the wait.
+__device__ __forceinline__ void grid_wait(unsigned* counter, unsigned target) {
+  if (threadIdx.x == 0) {
+    unsigned v = 0;
+    unsigned long long const t0 = globaltimer();
+    for (;;) {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
+      if (v >= target) break;
+      if (globaltimer() - t0 > kBarrierTimeoutNs) __trap();  // a block is not resident: fail, do not hang
+    }
+  }
+  __syncthreads();
+}
+
+/// out[row * 8 + n] = sum_k W[row, k] X[n, k] for row < rows_pad (a multiple of 16), n < 8: rows
+/// >= rows_st of W and n >= nx of X read as zeros. W, X: bf16 rows in shared memory (strides ws, xs
+/// bytes, = 64 mod 128: conflict-free 16-byte loads). A warp task is a 16-row group and the k
+/// steps ks, ks + ks_n, ...; the slices of a row are summed in slice order (deterministic). Ends
+/// with a block barrier.
+__device__ __forceinline__ void gemv_mma(unsigned char const* W, int ws, int rows_st, int rows_pad,
+                                         unsigned char const* X, int xs, int nx, int K, int ks_n, float* red,
+                                         float* out) {
+  int const tid = static_cast<int>(threadIdx.x);
+  int const warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  int const groups = rows_pad / 16;
+  int const steps = K / 32;
+  for (int task = warp; task < groups * ks_n; task += kWarps) {
+    int const grp = task % groups, ks = task / groups;
+    int const ra = grp * 16 + g, rb = ra + 8;
+    bool const va = ra < rows_st, vb = rb < rows_st, vx = g < nx;
+    unsigned char const* pa = W + static_cast<std::size_t>(va ? ra : 0) * ws + 16 * t;
+    unsigned char const* pb = W + static_cast<std::size_t>(vb ? rb : 0) * ws + 16 * t;
+    unsigned char const* px = X + static_cast<std::size_t>(vx ? g : 0) * xs + 16 * t;
+    uint4 const zero = make_uint4(0u, 0u, 0u, 0u);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+    for (int s = ks; s < steps; s += ks_n) {
+      uint4 const a = va ? *reinterpret_cast<uint4 const*>(pa + 64 * s) : zero;
+      uint4 const b = vb ? *reinterpret_cast<uint4 const*>(pb + 64 * s) : zero;
+      uint4 const x = vx ? *reinterpret_cast<uint4 const*>(px + 64 * s) : zero;
+      decode_detail::mma_bf16(acc, a.x, b.x, a.y, b.y, x.x, x.y);
+      decode_detail::mma_bf16(acc, a.z, b.z, a.w, b.w, x.z, x.w);
+    }
+    float* r0 = red + (static_cast<std::size_t>(ks) * rows_pad + ra) * 8 + 2 * t;
+    r0[0] = acc[0];
+    r0[1] = acc[1];
+    r0[64] = acc[2];
+    r0[65] = acc[3];
+  }
+  __syncthreads();
+  for (int i = tid; i < rows_pad * 8; i += kThreads) {
+    float s = 0.f;
+    for (int q = 0; q < ks_n; ++q) s += red[static_cast<std::size_t>(q) * rows_pad * 8 + i];
+    out[i] = s;
+  }
+  __syncthreads();
+}
+
+/// norm(src rows b < B) -> XN (bf16 rows, stride sA); src = table[tokens[b]] or resid[b] (read
+/// through L2: other blocks wrote it). Threads split into row teams of kThreads / Bp (Bp: B
+/// rounded up to a power of two); a thread holds <= kNormVec float4 of its row. Block barriers
+/// inside; all threads must call it.
+__device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, bool from_table, float const* w,
+                                          float const* bsm, bool has_b, unsigned char* smem) {
+  int const tid = static_cast<int>(threadIdx.x);
+  int const B = lo.B, dm = lo.dm;
+  int const Bp = B <= 1 ? 1 : (B <= 2 ? 2 : (B <= 4 ? 4 : 8));
+  int const tpr = kThreads / Bp;
+  int const b = tid / tpr, j = tid - b * tpr;
+  bool const active = b < B;
+  int const q4 = dm / 4;
+  float* stat = reinterpret_cast<float*>(smem + lo.oStat);
+  float4 v[kNormVec];
+  float sum = 0.f;
+  float const* src = nullptr;
+  if (active)
+    src = from_table ? p.table + static_cast<std::size_t>(p.tokens[b]) * dm : p.resid + static_cast<std::size_t>(b) * dm;
+#pragma unroll
+  for (int i = 0; i < kNormVec; ++i) {
+    int const k4 = j + i * tpr;
+    v[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (active && k4 < q4) {
+      float4 const* s4 = reinterpret_cast<float4 const*>(src) + k4;
+      v[i] = from_table ? __ldg(s4) : __ldcg(s4);
+      sum += (v[i].x + v[i].y) + (v[i].z + v[i].w);
+    }
+  }
+  int const warp = tid >> 5, wpr = tpr / 32;  // warps per row team
+  float mean = 0.f;
+  if (!p.rms) {
+    sum = decode_detail::warp_sum(sum);
+    if ((tid & 31) == 0) stat[warp] = sum;
+    __syncthreads();
+    int const lane = tid & 31;
+    float const s = decode_detail::warp_sum(lane < wpr ? stat[(active ? b : 0) * wpr + lane] : 0.f);
+    mean = s / static_cast<float>(dm);
+  }
+  float sq = 0.f;
+#pragma unroll
+  for (int i = 0; i < kNormVec; ++i) {
+    int const k4 = j + i * tpr;
+    if (active && k4 < q4) {
+      float const a = v[i].x - mean, c = v[i].y - mean, d = v[i].z - mean, e = v[i].w - mean;
+      sq += (a * a + c * c) + (d * d + e * e);
+    }
+  }
+  sq = decode_detail::warp_sum(sq);
+  if ((tid & 31) == 0) stat[kWarps + warp] = sq;
+  __syncthreads();
+  float const s2 = decode_detail::warp_sum((tid & 31) < wpr ? stat[kWarps + (active ? b : 0) * wpr + (tid & 31)] : 0.f);
+  float const rstd = 1.f / sqrtf(s2 / static_cast<float>(dm) + p.eps);
+  if (active) {
+    unsigned char* row = smem + lo.oXN + static_cast<std::size_t>(b) * lo.sA;
+#pragma unroll
+    for (int i = 0; i < kNormVec; ++i) {
+      int const k4 = j + i * tpr;
+      if (k4 < q4) {
+        float4 const ww = reinterpret_cast<float4 const*>(w)[k4];
+        float4 const bb = has_b ? reinterpret_cast<float4 const*>(bsm)[k4] : make_float4(0.f, 0.f, 0.f, 0.f);
+        __nv_bfloat162 const lo2 = __floats2bfloat162_rn((v[i].x - mean) * rstd * ww.x + bb.x,
+                                                         (v[i].y - mean) * rstd * ww.y + bb.y);
+        __nv_bfloat162 const hi2 = __floats2bfloat162_rn((v[i].z - mean) * rstd * ww.z + bb.z,
+                                                         (v[i].w - mean) * rstd * ww.w + bb.w);
+        uint2 pk;
+        pk.x = *reinterpret_cast<unsigned const*>(&lo2);
+        pk.y = *reinterpret_cast<unsigned const*>(&hi2);
+        *reinterpret_cast<uint2*>(row + 8 * k4) = pk;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// ---- the kernel -----------------------------------------------------------------------------------
+
+MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
+    persistent_decode_kernel(__grid_constant__ Params const p, Layout const lo) {
+  using decode_detail::round_s;
+  extern __shared__ __align__(128) unsigned char smem[];
+  int const tid = static_cast<int>(threadIdx.x);
+  int const g = static_cast<int>(blockIdx.x);
+  int const G = static_cast<int>(gridDim.x);
+  int const B = lo.B, dm = lo.dm, di = lo.di, N = lo.N, R = lo.R, X = lo.X, dc = lo.dc;
+  int const c0 = g * lo.cpb, cv = g < lo.nxb ? min(lo.cpb, di - c0) : 0;
+  int const m0 = g * lo.rpb, rv = g < lo.ncb ? min(lo.rpb, dm - m0) : 0;
+  int const h0 = g * lo.hpb, hv = g < lo.nhb ? min(lo.hpb, lo.classes - h0) : 0;
+  int const rpadA = round_up(2 * lo.cpb, 16), rpadC = round_up(lo.rpb, 16), rpadH = round_up(lo.hpb, 16);
+
+  // zero shared memory once: parameters of a partial channel block read as zeros
+  for (int i = tid * 16; i < static_cast<int>(lo.bytes); i += kThreads * 16)
+    *reinterpret_cast<uint4*>(smem + i) = make_uint4(0u, 0u, 0u, 0u);
+  __syncthreads();
+
+  auto f32 = [&](std::size_t off) { return reinterpret_cast<float*>(smem + off); };
+  bool const waits = !(p.profile & 1);
+
+  // ---- weight streaming: each block copies its slices of a layer into shared memory (cp.async)
+  // a phase ahead, in three commit groups per layer (A, B, C) + the head's with A(0); a phase
+  // starts with cp.async.wait_group 2 (the two later groups may still be in flight)
+  auto issue_a = [&](int l) {
+    if (l < p.n_layer && cv > 0) {
+      LayerPtrs const& L = p.layers[l];
+      stage_rows(smem + lo.oWA, lo.sA, L.in_w + static_cast<std::size_t>(c0) * dm, std::size_t(dm) * 2, cv, dm * 2);
+      stage_rows(smem + lo.oWA + static_cast<std::size_t>(lo.cpb) * lo.sA, lo.sA,
+                 L.in_w + static_cast<std::size_t>(di + c0) * dm, std::size_t(dm) * 2, cv, dm * 2);
+      stage_rows(smem + lo.oWX, lo.cpb * 2, L.x_w + c0, std::size_t(di) * 2, X, cv * 2);
+      stage(smem + lo.oNW, L.norm_w, dm * 4);
+      if (L.norm_b) stage(smem + lo.oNB, L.norm_b, dm * 4);
+      stage(smem + lo.oCW, L.conv_w + static_cast<std::size_t>(c0) * dc, cv * dc * 4);
+      if (L.conv_b) stage(smem + lo.oCB, L.conv_b + c0, cv * 4);
+      if (L.in_b) {
+        stage(smem + lo.oIB, L.in_b + c0, cv * 4);
+        stage(smem + lo.oIB + lo.cpb * 4, L.in_b + di + c0, cv * 4);
+      }
+      if (dc > 1) stage_rows(smem + lo.oCS, lo.cpb * 4, L.conv_state + c0, std::size_t(di) * 4, B * (dc - 1), cv * 4);
+    }
+    decode_detail::cp_async_commit();
+  };
+  auto issue_b = [&](int l) {
+    if (l < p.n_layer && cv > 0) {
+      LayerPtrs const& L = p.layers[l];
+      stage(smem + lo.oWD, L.dt_w + static_cast<std::size_t>(c0) * R, cv * R * 2);
+      if (L.dt_b) stage(smem + lo.oDB, L.dt_b + c0, cv * 4);
+      stage(smem + lo.oAL, L.A_log + static_cast<std::size_t>(c0) * N, cv * N * 4);
+      if (L.D) stage(smem + lo.oDD, L.D + c0, cv * 4);
+      stage_rows(smem + lo.oSS, lo.cpb * N * 4, L.ssm_state + static_cast<std::size_t>(c0) * N, std::size_t(di) * N * 4,
+                 B, cv * N * 4);
+    }
+    decode_detail::cp_async_commit();
+  };
+  auto issue_c = [&](int l) {
+    if (l < p.n_layer && rv > 0) {
+      LayerPtrs const& L = p.layers[l];
+      stage_rows(smem + lo.oWC, lo.sC, L.out_w + static_cast<std::size_t>(m0) * di, std::size_t(di) * 2, rv, di * 2);
+      if (L.out_b) stage(smem + lo.oOB, L.out_b + m0, rv * 4);
+    }
+    decode_detail::cp_async_commit();
+  };
+
+  unsigned nbar = 0;
+  auto barrier_then = [&](auto const& issue) {  // arrive, issue the next copies, wait
+    grid_arrive(p.barrier);
+    issue();
+    if (waits) grid_wait(p.barrier, ++nbar * static_cast<unsigned>(G));
+    else __syncthreads();
+  };
+
+  float* out = f32(lo.oOut);
+  float* red = f32(lo.oRed);
+  float* U = f32(lo.oU);
+  float* Z = f32(lo.oZ);
+  float* XD = f32(lo.oXD);
+  if (hv > 0) {
+    stage_rows(smem + lo.oWH, lo.sA, p.head + static_cast<std::size_t>(h0) * dm, std::size_t(dm) * 2, hv, dm * 2);
+    stage(smem + lo.oFW, p.norm_f_w, dm * 4);
+    if (p.norm_f_b) stage(smem + lo.oFB, p.norm_f_b, dm * 4);
+  }
+  issue_a(0);
+  issue_b(0);
+  issue_c(0);
+  for (int l = 0; l < p.n_layer; ++l) {
+    LayerPtrs const& L = p.layers[l];
+    // ---- A: norm, in_proj, conv, x_proj partials
+    cp_async_wait_2();
+    __syncthreads();
+    if (cv > 0) {
+      norm_rows(p, lo, l == 0, f32(lo.oNW), f32(lo.oNB), L.norm_b != nullptr, smem);
+      gemv_mma(smem + lo.oWA, lo.sA, 2 * lo.cpb, rpadA, smem + lo.oXN, lo.sA, B, dm, lo.ksA, red, out);
+      float const* cw = f32(lo.oCW);
+      float const* cb = f32(lo.oCB);
+      float const* ib = f32(lo.oIB);
+      float const* cs = f32(lo.oCS);
+      for (int it = tid; it < cv * B; it += kThreads) {
+        int const b = it / cv, i = it - b * cv;
+        float const xz = round_s<bf16_t>(L.in_b ? out[i * 8 + b] + round_s<bf16_t>(ib[i]) : out[i * 8 + b]);
+        float const zz = round_s<bf16_t>(L.in_b ? out[(lo.cpb + i) * 8 + b] + round_s<bf16_t>(ib[lo.cpb + i])
+                                                : out[(lo.cpb + i) * 8 + b]);
+        float win[decode_detail::kMaxConv - 1];
+#pragma unroll
+        for (int k = 0; k < decode_detail::kMaxConv - 1; ++k)
+          win[k] = k < dc - 1 ? cs[(b * (dc - 1) + k) * lo.cpb + i] : 0.f;
+        float const* cwi = cw + i * dc;
+        float acc = L.conv_b ? cb[i] : 0.f;
+#pragma unroll
+        for (int k = 0; k < decode_detail::kMaxConv - 1; ++k)
+          if (k < dc - 1) acc += cwi[k] * win[k];
+        acc += cwi[dc - 1] * xz;
+        float* st = L.conv_state + static_cast<std::size_t>(b) * (dc - 1) * di + c0 + i;
+#pragma unroll
+        for (int k = 0; k < decode_detail::kMaxConv - 2; ++k)
+          if (k < dc - 2) st[static_cast<std::size_t>(k) * di] = win[k + 1];
+        if (dc > 1) st[static_cast<std::size_t>(dc - 2) * di] = xz;
+        U[b * lo.cpb + i] = round_s<bf16_t>(decode_detail::silu(acc));
+        Z[b * lo.cpb + i] = zz;
+      }
+      __syncthreads();
+      bf16_t const* wx = reinterpret_cast<bf16_t const*>(smem + lo.oWX);
+      for (int it = tid; it < X * B; it += kThreads) {
+        int const b = it / X, j = it - b * X;
+        float s4[4] = {0.f, 0.f, 0.f, 0.f};  // cv is a multiple of 8
+        for (int i = 0; i < cv; i += 4) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            s4[e] = fmaf(__bfloat162float(wx[j * lo.cpb + i + e]), U[b * lo.cpb + i + e], s4[e]);
+        }
+        p.xpart[(static_cast<std::size_t>(b) * lo.nxb + g) * X + j] = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+      }
+    }
+    barrier_then([&] { issue_a(l + 1); });
+
+    // ---- B: xdbl, dt, state update, y
+    cp_async_wait_2();
+    __syncthreads();
+    if (cv > 0) {
+      // xdbl[b][j] = round(sum over the channel blocks of their partials): lanes q = 0..Q-1 of a
+      // column (Q a power of two <= 32, q fastest in the warp) sum the blocks q, q+Q, ... in
+      // order (loads batched 8 at a time), then an xor butterfly over q: a fixed order.
+      bool const v4 = (X & 3) == 0;
+      int const W4 = v4 ? 4 : 1;
+      int const cols = B * X / W4;  // (b, j-group) columns
+      int Q = 1;
+      while (Q < 32 && cols * Q * 2 <= kThreads) Q *= 2;
+      for (int it0 = 0; it0 < cols * Q; it0 += kThreads) {  // uniform trip count: shuffles below
+        int const it = it0 + tid;
+        int const q = it & (Q - 1), col = it / Q;
+        bool const act = col < cols;
+        int const b = act ? col / (X / W4) : 0, jq = act ? col - b * (X / W4) : 0;
+        float const* base = p.xpart + static_cast<std::size_t>(b) * lo.nxb * X;
+        float4 sv = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (act) {
+          for (int pp0 = q; pp0 < lo.nxb; pp0 += 8 * Q) {
+            float4 v[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+              int const pp = pp0 + u * Q;
+              v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+              if (pp < lo.nxb) {
+                if (v4) v[u] = __ldcg(reinterpret_cast<float4 const*>(base + static_cast<std::size_t>(pp) * X) + jq);
+                else v[u].x = __ldcg(base + static_cast<std::size_t>(pp) * X + jq);
+              }
+            }
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+              sv.x += v[u].x; sv.y += v[u].y; sv.z += v[u].z; sv.w += v[u].w;
+            }
+          }
+        }
+        for (int o = Q / 2; o > 0; o >>= 1) {
+          sv.x += __shfl_xor_sync(0xffffffffu, sv.x, o);
+          sv.y += __shfl_xor_sync(0xffffffffu, sv.y, o);
+          sv.z += __shfl_xor_sync(0xffffffffu, sv.z, o);
+          sv.w += __shfl_xor_sync(0xffffffffu, sv.w, o);
+        }
+        if (act && q == 0) {
+          float* xo = XD + b * X + jq * W4;
+          xo[0] = round_s<bf16_t>(sv.x);
+          if (v4) {
+            xo[1] = round_s<bf16_t>(sv.y);
+            xo[2] = round_s<bf16_t>(sv.z);
+            xo[3] = round_s<bf16_t>(sv.w);
+          }
+        }
+      }
+      __syncthreads();
+      bf16_t const* wd = reinterpret_cast<bf16_t const*>(smem + lo.oWD);
+      float const* db = f32(lo.oDB);
+      float const* al = f32(lo.oAL);
+      float const* dd = f32(lo.oDD);
+      float const* ss = f32(lo.oSS);
+      // lpi lanes per (channel, batch row) item (a power of two <= 32, as many as the block has
+      // threads for): each sums a strided share of the dt_proj row and of the states, then xor
+      // butterflies over the lanes (fixed order).
+      int const items = cv * B;
+      int lpi = 1;
+      while (lpi < 32 && items * lpi * 2 <= kThreads) lpi *= 2;
+      int const sub = tid & (lpi - 1);
+      for (int it0 = 0; it0 < items; it0 += kThreads / lpi) {  // uniform trip count: shuffles below
+        int const item = it0 + tid / lpi;
+        bool const act = item < items;
+        int const b = act ? item / cv : 0, i = act ? item - (item / cv) * cv : 0;
+        float const* xd = XD + b * X;
+        float const u = U[b * lo.cpb + i];
+        float const zz = Z[b * lo.cpb + i];
+        float const dbias = L.dt_b ? db[i] : 0.f;
+        float const Dd = L.D ? dd[i] : 0.f;
+        float dtp = 0.f;
+        for (int r = sub; r < R; r += lpi) dtp = fmaf(__bfloat162float(wd[i * R + r]), xd[r], dtp);
+        for (int o = 1; o < lpi; o <<= 1) dtp += __shfl_xor_sync(0xffffffffu, dtp, o);
+        float const dt = decode_detail::softplus(round_s<bf16_t>(dtp) + dbias);
+        float const du = dt * u;
+        float y = 0.f;
+        float* sg = L.ssm_state + (static_cast<std::size_t>(b) * di + c0 + i) * N;
+        for (int n = sub; n < N; n += lpi) {
+          float const A2 = -expf(al[i * N + n]) * decode_detail::kLog2e;
+          float const h = fmaf(decode_detail::ex2_approx(dt * A2), ss[(b * lo.cpb + i) * N + n], du * xd[R + n]);
+          if (act) sg[n] = h;
+          y = fmaf(h, xd[R + N + n], y);
+        }
+        for (int o = 1; o < lpi; o <<= 1) y += __shfl_xor_sync(0xffffffffu, y, o);
+        y = fmaf(Dd, u, y);
+        y = __fdividef(y * zz, 1.f + __expf(-zz));
+        if (act && sub == 0) p.y[static_cast<std::size_t>(b) * di + c0 + i] = __float2bfloat16_rn(y);
+      }
+    }
+    barrier_then([&] { issue_b(l + 1); });
+
+    // ---- C: out_proj rows + residual
+    cp_async_wait_2();
+    __syncthreads();
+    if (rv > 0) {
+      int const q16 = di / 8;  // 16-byte chunks of a y row
+      for (int i = tid; i < B * q16; i += kThreads) {
+        int const b = i / q16, c = i - b * q16;
+        *reinterpret_cast<uint4*>(smem + lo.oY + static_cast<std::size_t>(b) * lo.sC + 16 * c) =
+            __ldcg(reinterpret_cast<uint4 const*>(p.y + static_cast<std::size_t>(b) * di) + c);
+      }
+      __syncthreads();
+      gemv_mma(smem + lo.oWC, lo.sC, rv, rpadC, smem + lo.oY, lo.sC, B, di, lo.ksC, red, out);
+      float const* ob = f32(lo.oOB);
+      for (int it = tid; it < rv * B; it += kThreads) {
+        int const b = it / rv, r = it - b * rv;
+        float const s = out[r * 8 + b];
+        float const h = round_s<bf16_t>(L.out_b ? s + round_s<bf16_t>(ob[r]) : s);
+        float* ro = f32(lo.oRO) + b * lo.rpb + r;  // only this block writes these rows
+        float const v = (l == 0 ? __ldg(p.table + static_cast<std::size_t>(p.tokens[b]) * dm + m0 + r) : *ro) + h;
+        *ro = v;
+        p.resid[static_cast<std::size_t>(b) * dm + m0 + r] = v;
+      }
+    }
+    barrier_then([&] { issue_c(l + 1); });
+  }
+
+  // ---- head: norm_f + lm_head rows -> fp32 logits
+  decode_detail::cp_async_wait_all();
+  __syncthreads();
+  if (hv > 0) {
+    norm_rows(p, lo, p.n_layer == 0, f32(lo.oFW), f32(lo.oFB), p.norm_f_b != nullptr, smem);
+    gemv_mma(smem + lo.oWH, lo.sA, hv, rpadH, smem + lo.oXN, lo.sA, B, dm, lo.ksH, red, out);
+    for (int it = tid; it < hv * B; it += kThreads) {
+      int const b = it / hv, r = it - b * hv;
+      p.logits[static_cast<std::size_t>(b) * lo.classes + h0 + r] = out[r * 8 + b];
+    }
+  }
+}
+
+inline int sm_count(int device) {
+  int n = 0;
+  MAMBABYTE_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return n;
+}
+
+/// The grid: one block per SM, fewer when the model has fewer channel / row blocks.
+inline Layout make_layout(DecodeDims const& d, int device) {
+  int const sms = sm_count(device);
+  Layout lo(sms, d.batch, d.d_model, d.d_inner, d.d_state, d.dt_rank, d.d_conv, d.classes);
+  int const G = std::max({lo.nxb, lo.ncb, lo.nhb});
+  return Layout(G, d.batch, d.d_model, d.d_inner, d.d_state, d.dt_rank, d.d_conv, d.classes);
+}
+
+}  // namespace persistent_detail
+
+/// Whether the persistent step handles these dimensions on `device` (bf16 only; else the
+/// caller uses decode.cuh's kernels or the layer-by-layer path). Pointer alignment is checked
+/// again by persistent_decode_aligned.
+inline bool persistent_decode_supported(DecodeDims const& d, int device) {
+  using namespace persistent_detail;
+  if (d.batch < 1 || d.batch > kMaxBatch || d.n_layer < 0 || d.n_layer > kMaxLayers) return false;
+  if (d.d_model < 32 || d.d_model % 32 != 0 || d.d_inner < 32 || d.d_inner % 32 != 0 || d.dt_rank < 1) return false;
+  if (d.d_conv < 1 || d.d_conv > decode_detail::kMaxConv || d.d_state < 1 || d.d_state > decode_detail::kMaxState)
+    return false;
+  if (d.classes < 1) return false;
+  int const bp = d.batch <= 1 ? 1 : (d.batch <= 2 ? 2 : 4);
+  if (d.d_model / 4 > kNormVec * (kThreads / bp)) return false;  // norm row in registers
+  int major = 0, coop = 0, optin = 0;
+  MAMBABYTE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  MAMBABYTE_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+  MAMBABYTE_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (major < 8 || !coop) return false;
+  Layout const lo = make_layout(d, device);
+  return lo.bytes <= static_cast<std::size_t>(optin) && lo.G <= sm_count(device);
+}
+
+/// Every pointer the kernel copies with cp.async is 16-byte aligned.
+inline bool persistent_decode_aligned(DecodeArgs<__nv_bfloat16> const& a) {
+  using decode_detail::aligned16;
+  auto ok = [](void const* p) { return p == nullptr || aligned16(p); };
+  if (!ok(a.embedding) || !ok(a.norm_f_w) || !ok(a.norm_f_b) || !ok(a.lm_head) || !ok(a.resid) || !ok(a.y) ||
+      !ok(a.xpart))
+    return false;
+  for (auto const& L : a.layers)
+    if (!ok(L.norm_w) || !ok(L.norm_b) || !ok(L.in_proj_w) || !ok(L.in_proj_b) || !ok(L.conv_w) || !ok(L.conv_b) ||
+        !ok(L.x_proj_w) || !ok(L.dt_proj_w) || !ok(L.dt_proj_b) || !ok(L.A_log) || !ok(L.D) || !ok(L.out_proj_w) ||
+        !ok(L.out_proj_b) || !ok(L.conv_state) || !ok(L.ssm_state))
+      return false;
+  return true;
+}
+
+/// Floats of the x_proj partial-sum scratch of the persistent step.
+inline std::size_t persistent_decode_xpart_floats(DecodeDims const& d, int device) {
+  auto const lo = persistent_detail::make_layout(d, device);
+  return static_cast<std::size_t>(d.batch) * lo.nxb * lo.X;
+}
+
+/// Raises the kernel's dynamic shared-memory limit (outside graph capture, before the step).
+inline void persistent_decode_setup(Cuda const& be) {
+  ScopedDevice guard(be.device);
+  int optin = 0;
+  MAMBABYTE_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, be.device));
+  MAMBABYTE_CUDA_CHECK(cudaFuncSetAttribute(persistent_detail::persistent_decode_kernel,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+}
+
+/// One decode step of every sequence in one kernel (see the file comment). a.u, a.z and a.xdbl
+/// are not used; a.y must hold (batch, d_inner) and a.xpart persistent_decode_xpart_floats();
+/// barrier: one unsigned of device memory (zeroed here, on the stream). Asynchronous on
+/// be.stream, graph-capturable. cooperative: launch with the cooperative attribute. profile: 0
+/// (see Params::profile; non-zero values only time parts of the step and give wrong results).
+inline void persistent_decode_step(Cuda const& be, DecodeArgs<__nv_bfloat16> const& a, unsigned* barrier,
+                                   bool cooperative = true, int profile = 0) {
+  using namespace persistent_detail;
+  DecodeDims const& d = a.dims;
+  require(static_cast<int>(a.layers.size()) == d.n_layer, "persistent_decode_step: ", a.layers.size(),
+          " layers for n_layer ", d.n_layer);
+  require(d.n_layer <= kMaxLayers, "persistent_decode_step: ", d.n_layer, " layers (at most ", kMaxLayers, ")");
+  require(a.tokens && a.embedding && a.norm_f_w && a.lm_head && a.resid && a.y && a.xpart && a.logits && barrier,
+          "persistent_decode_step: null buffer or parameter");
+  require(persistent_decode_aligned(a), "persistent_decode_step: a pointer is not 16-byte aligned");
+  ScopedDevice guard(be.device);
+  Layout const lo = make_layout(d, be.device);
+  Params p;
+  p.n_layer = d.n_layer;
+  p.eps = d.eps;
+  p.rms = d.rms;
+  p.tokens = a.tokens;
+  p.table = a.embedding;
+  p.norm_f_w = a.norm_f_w;
+  p.norm_f_b = a.norm_f_b;
+  p.head = a.lm_head;
+  p.resid = a.resid;
+  p.y = a.y;
+  p.xpart = a.xpart;
+  p.logits = a.logits;
+  p.barrier = barrier;
+  p.profile = profile;
+  for (int l = 0; l < d.n_layer; ++l) {
+    auto const& L = a.layers[static_cast<std::size_t>(l)];
+    p.layers[l] = LayerPtrs{L.norm_w, L.norm_b,   L.in_proj_w, L.in_proj_b,  L.conv_w,     L.conv_b,
+                            L.x_proj_w, L.dt_proj_w, L.dt_proj_b, L.A_log, L.D, L.out_proj_w, L.out_proj_b,
+                            L.conv_state, L.ssm_state};
+  }
+  MAMBABYTE_CUDA_CHECK(cudaMemsetAsync(barrier, 0, sizeof(unsigned), be.stream));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(lo.G));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = lo.bytes;
+  cfg.stream = be.stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = cooperative ? 1 : 0;
+  MAMBABYTE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, persistent_decode_kernel, p, lo));
+  MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace mambabyte::backend::cuda
