@@ -13,6 +13,8 @@
 #include "mambabyte/backend/cpu/layers_backward.hpp"
 #include "mambabyte/backend/cpu/selective_scan_backward.hpp"
 #include "mambabyte/reference/reference.hpp"
+#include "cpu_scan_runner.hpp"
+#include "scan_cases.hpp"
 #include "test_util.hpp"
 
 using namespace mambabyte;
@@ -292,186 +294,63 @@ TEST_CASE("cross entropy over the first 256 logits of a padded vocabulary", "[ba
 // =============================================================================================
 // (b) selective scan
 
+// The problems (shapes, options, strided layouts: rows of u / delta / z / dout padded by 3, B and
+// C in one row of 2N + 5 with a gap) and the case lists are the shared ones of
+// tests/common/scan_cases.hpp; the policy and float bodies below (check_backward) are the ones
+// the CUDA backward tests run too. The finite-difference checks are CPU-only: they establish
+// the oracle (the CPU double Sequential backward) that every backend is compared with.
+
 namespace {
 
-struct ScanCase {
-  int batch, length, d_inner, d_state;
-  bool with_D, with_z, with_bias, with_h0, with_dfinal, softplus = true;
-  double bias_hi = 0.5;  // > 20 exercises softplus's linear branch
-};
+using mbtest::CpuScanRunner;
+using mbtest::ScanCase;
+using mbtest::ScanProblem;
 
-/// All inputs of a scan problem in double, with padded (strided) rows as the model uses them:
-/// u, delta, z, dout with ld = d_inner + 3; B and C interleaved in one (rows, 2N + 5) buffer.
-struct ScanProblem {
-  ScanCase s;
-  int ldx, ldbc;
-  std::vector<double> u, dt, bias, A, bc, D, z, h0, dout, dfinal;
-
-  ScanProblem(ScanCase const& sc, std::uint64_t seed) : s(sc) {
-    std::mt19937_64 rng(seed);
-    ldx = s.d_inner + 3;
-    ldbc = 2 * s.d_state + 5;
-    std::size_t const rows = static_cast<std::size_t>(s.batch) * s.length;
-    u = mbtest::random_vector<double>(rows * ldx, rng);
-    // without softplus, delta = dt + bias itself must stay positive (a stable recurrence)
-    dt = s.softplus ? mbtest::random_vector<double>(rows * ldx, rng, -4.0, 1.0)
-                    : mbtest::random_vector<double>(rows * ldx, rng, 0.05, 0.5);
-    bias = s.softplus ? mbtest::random_vector<double>(s.d_inner, rng, -1, s.bias_hi)
-                      : mbtest::random_vector<double>(s.d_inner, rng, 0.0, 0.2);
-    A.resize(static_cast<std::size_t>(s.d_inner) * s.d_state);
-    for (auto& a : A) a = -std::exp(std::uniform_real_distribution<double>(-1, 1.5)(rng));
-    bc = mbtest::random_vector<double>(rows * ldbc, rng);
-    D = mbtest::random_vector<double>(s.d_inner, rng);
-    z = mbtest::random_vector<double>(rows * ldx, rng, -3, 3);
-    h0 = mbtest::random_vector<double>(static_cast<std::size_t>(s.batch) * s.d_inner * s.d_state, rng);
-    dout = mbtest::random_vector<double>(rows * ldx, rng);
-    dfinal = mbtest::random_vector<double>(h0.size(), rng);
-  }
-  std::size_t rows() const { return static_cast<std::size_t>(s.batch) * s.length; }
-
-  template <class T>
-  ssm::SelectiveScanArguments<T> fwd_args(std::vector<T> const& U, std::vector<T> const& DT, std::vector<T> const& BIAS,
-                                          std::vector<T> const& AA, std::vector<T> const& BC, std::vector<T> const& DD,
-                                          std::vector<T> const& Z, std::vector<T> const& H0) const {
-    ssm::SelectiveScanArguments<T> a;
-    a.batch = s.batch; a.length = s.length; a.d_inner = s.d_inner; a.d_state = s.d_state;
-    a.u = U.data(); a.ld_u = ldx;
-    a.delta = DT.data(); a.ld_delta = ldx;
-    a.delta_bias = s.with_bias ? BIAS.data() : nullptr;
-    a.delta_softplus = s.softplus;
-    a.A = AA.data();
-    a.B = BC.data(); a.ld_B = ldbc;
-    a.C = BC.data() + s.d_state + 2; a.ld_C = ldbc;
-    a.D = s.with_D ? DD.data() : nullptr;
-    a.z = s.with_z ? Z.data() : nullptr; a.ld_z = ldx;
-    a.ld_out = ldx;
-    a.initial_state = s.with_h0 ? H0.data() : nullptr;
-    return a;
-  }
-
-  /// loss = <dout, out> + <dfinal, h_final> with the reference scan.
-  double loss() {
-    std::vector<double> out(rows() * ldx, 0.0), hT(h0.size());
-    auto a = fwd_args(u, dt, bias, A, bc, D, z, h0);
-    a.out = out.data();
-    a.final_state = hT.data();
-    reference::selective_scan(a);
-    double l = 0;
-    for (std::size_t r = 0; r < rows(); ++r)
-      for (int d = 0; d < s.d_inner; ++d) l += dout[r * ldx + d] * out[r * ldx + d];
-    if (s.with_dfinal) l += dot(dfinal, hT);
-    return l;
-  }
-};
-
-/// Gradients of a scan problem from one backward run (in T), widened to double.
-struct ScanGrads {
-  std::vector<double> du, ddt, dbc, dz, dA, dD, dbias, dh0, out;
-};
-
-template <class T, class Policy>
-ScanGrads run_backward(ScanProblem const& p, int threads, bool prefill_garbage = true) {
-  auto cast = [](std::vector<double> const& v) { return std::vector<T>(v.begin(), v.end()); };
-  auto U = cast(p.u), DT = cast(p.dt), BIAS = cast(p.bias), AA = cast(p.A), BC = cast(p.bc), DD = cast(p.D), Z = cast(p.z),
-       H0 = cast(p.h0), DOUT = cast(p.dout), DF = cast(p.dfinal);
-  auto const& s = p.s;
-  T const fill = prefill_garbage ? T(123) : T(0);  // written outputs must overwrite, not add
-  std::vector<T> du(U.size(), fill), ddt(U.size(), fill), dbc(BC.size(), T(0)), dz(U.size(), fill), out(U.size(), fill);
-  std::vector<T> dA(AA.size(), T(0)), dD(DD.size(), T(0)), dbias(BIAS.size(), T(0)), dh0(H0.size(), fill);
-  // garbage in the dB / dC real entries only (the padding stays zero to check it is untouched)
-  for (std::size_t r = 0; r < p.rows(); ++r)
-    for (int n = 0; n < s.d_state; ++n) {
-      dbc[r * p.ldbc + n] = fill;
-      dbc[r * p.ldbc + s.d_state + 2 + n] = fill;
-    }
-  auto f = p.fwd_args(U, DT, BIAS, AA, BC, DD, Z, H0);
-  auto a = ssm::SelectiveScanBackwardArguments<T>::from_forward(f);
-  a.dout = DOUT.data(); a.ld_dout = p.ldx;
-  a.dfinal_state = s.with_dfinal ? DF.data() : nullptr;
-  a.du = du.data(); a.ld_du = p.ldx;
-  a.ddelta = ddt.data(); a.ld_ddelta = p.ldx;
-  a.dB = dbc.data(); a.ld_dB = p.ldbc;
-  a.dC = dbc.data() + s.d_state + 2; a.ld_dC = p.ldbc;
-  a.dz = s.with_z ? dz.data() : nullptr; a.ld_dz = p.ldx;
-  a.out = out.data(); a.ld_out = p.ldx;
-  a.dA = dA.data();
-  a.dD = s.with_D ? dD.data() : nullptr;
-  a.ddelta_bias = s.with_bias ? dbias.data() : nullptr;
-  a.dinitial_state = dh0.data();
-  using Bwd = ssm::SelectiveScanBackward<backend::Cpu, T, Policy>;
-  REQUIRE(Bwd::can_implement(a) == Status::kSuccess);
-  backend::Cpu be{threads};
-  std::vector<std::byte> ws(Bwd::workspace_bytes(a, be));
-  Bwd::run(a, ws.data(), be);
-  auto wide = [](std::vector<T> const& v) { return std::vector<double>(v.begin(), v.end()); };
-  return {wide(du), wide(ddt), wide(dbc), wide(dz), wide(dA), wide(dD), wide(dbias), wide(dh0), wide(out)};
+/// loss = <dout, out> + <dfinal, h_final> (the latter when dfinal is on), reference scan.
+double scan_loss(ScanProblem const& p) {
+  auto const r = mbtest::reference_forward(p);
+  double l = 0;
+  for (std::size_t row = 0; row < p.rows(); ++row)
+    for (int d = 0; d < p.c.d_inner; ++d) l += p.dout[row * p.ldx + d] * r.out[row * p.ldx + d];
+  if (p.c.dfinal) l += dot(p.dhT, r.hT);
+  return l;
 }
-
-std::vector<ScanCase> const kScanCases = {
-    {1, 1, 1, 1, true, true, true, false, false},         // the smallest case
-    {1, 1, 17, 16, true, true, true, true, true},         // L = 1 with states, two tiles
-    {2, 7, 5, 3, false, false, false, false, false},      // odd sizes, nothing optional
-    {2, 9, 5, 3, true, true, true, true, true},           // everything on
-    {3, 13, 19, 4, true, false, true, false, true},       // batch 3, ragged tile, no z
-    {1, 10, 6, 2, true, true, false, true, false, false}, // no softplus
-    {2, 11, 7, 3, true, true, true, true, true, false},   // no softplus, with a bias
-    {2, 6, 4, 2, true, true, true, false, true, true, 24.0},  // some v > 20: softplus's linear branch
-};
 
 template <class Policy>
 void check_scan_fd(ScanCase const& sc, std::uint64_t seed, std::size_t max_entries) {
   ScanProblem p(sc, seed);
-  auto const g = run_backward<double, Policy>(p, 2);
+  auto const g = CpuScanRunner<double>{2}.backward<Policy>(p);
   std::mt19937_64 rng(seed);
-  auto const& s = p.s;
-  std::function<double()> f = [&] { return p.loss(); };
-  INFO("policy " << Policy::name << " B=" << s.batch << " L=" << s.length << " D=" << s.d_inner << " N=" << s.d_state
-                 << " D/z/bias/h0/dfinal " << s.with_D << s.with_z << s.with_bias << s.with_h0 << s.with_dfinal);
+  auto const& s = p.c;
+  std::function<double()> f = [&] { return scan_loss(p); };
+  INFO("policy " << mbtest::policy_name<Policy>() << " " << s.name());
   auto ix = sample(strided_indices(p.rows(), s.d_inner, p.ldx), max_entries, rng);
   check_fd("scan du", gather(g.du, ix), fd_grad(f, p.u, ix));
-  check_fd("scan ddelta", gather(g.ddt, ix), fd_grad(f, p.dt, ix));
-  if (s.with_z) check_fd("scan dz", gather(g.dz, ix), fd_grad(f, p.z, ix));
-  auto ib = sample(strided_indices(p.rows(), s.d_state, p.ldbc), max_entries, rng);
-  check_fd("scan dB", gather(g.dbc, ib), fd_grad(f, p.bc, ib));
-  auto ic = sample(strided_indices(p.rows(), s.d_state, p.ldbc, s.d_state + 2), max_entries, rng);
-  check_fd("scan dC", gather(g.dbc, ic), fd_grad(f, p.bc, ic));
+  check_fd("scan ddelta", gather(g.ddelta, ix), fd_grad(f, p.delta, ix));
+  if (s.z) check_fd("scan dz", gather(g.dz, ix), fd_grad(f, p.z, ix));
+  auto ib = sample(strided_indices(p.rows(), s.d_state, p.ldbc, p.offB), max_entries, rng);
+  check_fd("scan dB", gather(g.dBC, ib), fd_grad(f, p.BC, ib));
+  auto ic = sample(strided_indices(p.rows(), s.d_state, p.ldbc, p.offC), max_entries, rng);
+  check_fd("scan dC", gather(g.dBC, ic), fd_grad(f, p.BC, ic));
   auto ia = sample(all_indices(p.A.size()), max_entries, rng);
   check_fd("scan dA", gather(g.dA, ia), fd_grad(f, p.A, ia));
-  if (s.with_D) check_fd("scan dD", g.dD, fd_grad(f, p.D, all_indices(p.D.size())));
-  if (s.with_bias) check_fd("scan ddelta_bias", g.dbias, fd_grad(f, p.bias, all_indices(p.bias.size())));
+  if (s.D) check_fd("scan dD", g.dD, fd_grad(f, p.D, all_indices(p.D.size())));
+  if (s.bias) check_fd("scan ddelta_bias", g.dbias, fd_grad(f, p.bias, all_indices(p.bias.size())));
   auto ih = sample(all_indices(p.h0.size()), max_entries, rng);
-  if (s.with_h0) check_fd("scan dinitial_state", gather(g.dh0, ih), fd_grad(f, p.h0, ih));
+  if (s.init) check_fd("scan dinitial_state", gather(g.dh0, ih), fd_grad(f, p.h0, ih));
   // the recomputed output equals the reference forward
-  std::vector<double> out(p.rows() * p.ldx, 0.0);
-  auto a = p.fwd_args(p.u, p.dt, p.bias, p.A, p.bc, p.D, p.z, p.h0);
-  a.out = out.data();
-  reference::selective_scan(a);
+  auto const ref = mbtest::reference_forward(p);
   CHECK(mbtest::rel_err(gather(g.out, strided_indices(p.rows(), s.d_inner, p.ldx)),
-                        gather(out, strided_indices(p.rows(), s.d_inner, p.ldx))) < 1e-13);
-  // strided padding of every written gradient is untouched
-  for (std::size_t r = 0; r < p.rows(); ++r) {
-    for (int d = s.d_inner; d < p.ldx; ++d) REQUIRE((g.du[r * p.ldx + d] == 123 && g.ddt[r * p.ldx + d] == 123));
-    for (int n = s.d_state; n < s.d_state + 2; ++n) REQUIRE(g.dbc[r * p.ldbc + n] == 0);
-    for (int n = 2 * s.d_state + 2; n < p.ldbc; ++n) REQUIRE(g.dbc[r * p.ldbc + n] == 0);
-  }
-}
-
-double worst_policy_vs_sequential = 0;
-
-template <class Policy>
-void check_scan_vs_sequential(ScanCase const& sc, std::uint64_t seed, int threads) {
-  ScanProblem p(sc, seed);
-  auto const ref = run_backward<double, scan::Sequential>(p, 1);
-  auto const g = run_backward<double, Policy>(p, threads);
-  INFO("policy " << Policy::name << " B=" << sc.batch << " L=" << sc.length << " D=" << sc.d_inner << " N=" << sc.d_state
-                 << " threads " << threads);
-  for (auto [x, y] : {std::pair{&g.du, &ref.du}, std::pair{&g.ddt, &ref.ddt}, std::pair{&g.dbc, &ref.dbc}, std::pair{&g.dz, &ref.dz},
-                      std::pair{&g.dA, &ref.dA}, std::pair{&g.dD, &ref.dD}, std::pair{&g.dbias, &ref.dbias},
-                      std::pair{&g.dh0, &ref.dh0}, std::pair{&g.out, &ref.out}}) {
-    double const e = mbtest::rel_err(*x, *y);
-    worst_policy_vs_sequential = std::max(worst_policy_vs_sequential, e);
-    CHECK(e < 1e-12);
-  }
+                        gather(ref.out, strided_indices(p.rows(), s.d_inner, p.ldx))) < 1e-13);
+  // strided padding of every written gradient is untouched (it started as NaN)
+  for (std::size_t r = 0; r < p.rows(); ++r)
+    for (std::int64_t d = s.d_inner; d < p.ldx; ++d)
+      REQUIRE((std::isnan(g.du[r * p.ldx + d]) && std::isnan(g.ddelta[r * p.ldx + d])));
+  std::vector<char> real(g.dBC.size(), 0);
+  for (std::size_t r = 0; r < p.rows(); ++r)
+    for (int n = 0; n < s.d_state; ++n) real[p.b_index(r, n)] = real[p.c_index(r, n)] = 1;
+  for (std::size_t i = 0; i < g.dBC.size(); ++i)
+    if (!real[i]) REQUIRE(std::isnan(g.dBC[i]));  // the gap between B and C, the row tail
 }
 
 }  // namespace
@@ -479,63 +358,53 @@ void check_scan_vs_sequential(ScanCase const& sc, std::uint64_t seed, int thread
 TEMPLATE_TEST_CASE("scan backward matches finite differences of the reference scan", "[backward][scan]", scan::Sequential,
                    scan::Chunked<4>, scan::Chunked<16>, scan::Associative, scan::Auto) {
   std::uint64_t seed = 10;
-  for (auto const& sc : kScanCases) check_scan_fd<TestType>(sc, seed++, 1000);
+  for (auto const& sc : mbtest::classic_backward_cases()) check_scan_fd<TestType>(sc, seed++, 1000);
   // several Sequential checkpoints (64) and Associative / Auto chunks, a ragged tail, 3 tiles
-  check_scan_fd<TestType>({2, 150, 40, 3, true, true, true, true, true}, 99, 30);
+  ScanCase big;
+  big.batch = 2; big.length = 150; big.d_inner = 40; big.d_state = 3;
+  check_scan_fd<TestType>(mbtest::cpu_layout(big), 99, 30);
 }
 
 TEMPLATE_TEST_CASE("scan backward: every policy equals Sequential", "[backward][scan]", scan::Chunked<1>, scan::Chunked<4>,
                    scan::Chunked<7>, scan::Chunked<64>, scan::Associative, scan::Auto) {
   std::uint64_t seed = 200;
-  for (auto const& sc : kScanCases)
-    for (int threads : {1, 2, 3}) check_scan_vs_sequential<TestType>(sc, seed++, threads);
-  std::mt19937_64 rng(5);
-  for (int trial = 0; trial < 6; ++trial) {
-    ScanCase sc{1 + int(rng() % 3), 1 + int(rng() % 300), 1 + int(rng() % 40), 1 + int(rng() % 17), bool(rng() & 1),
-                bool(rng() & 1), bool(rng() & 1), bool(rng() & 1), bool(rng() & 1)};
-    check_scan_vs_sequential<TestType>(sc, 300 + trial, 2);
-  }
+  for (auto const& sc : mbtest::classic_backward_cases())
+    for (int threads : {1, 2, 3}) mbtest::check_backward<TestType>(CpuScanRunner<double>{threads}, sc, seed++);
+  seed = 300;
+  for (auto const& sc : mbtest::random_backward_cases(5, 6)) mbtest::check_backward<TestType>(CpuScanRunner<double>{2}, sc, seed++);
+  // the lists the CUDA backward tests run: every option on / off, both B / C layouts, d_state 1..32
+  for (auto const& list : {mbtest::backward_mask_cases({1, 7, 8, 9, 33}), mbtest::backward_d_state_cases()})
+    for (auto const& sc : list) mbtest::check_backward<TestType>(CpuScanRunner<double>{2}, sc, seed++);
 }
 
 TEST_CASE("scan backward: Sequential is thread-count independent and accumulates parameters", "[backward][scan]") {
-  ScanCase sc{3, 130, 37, 5, true, true, true, true, true};
-  ScanProblem p(sc, 17);
-  auto const a1 = run_backward<double, scan::Sequential>(p, 1);
-  auto const a3 = run_backward<double, scan::Sequential>(p, 3);
-  CHECK(a1.dbc == a3.dbc);  // tile-ordered reductions: bit-identical
-  CHECK(a1.dA == a3.dA);
-  CHECK(a1.du == a3.du);
+  ScanCase sc;
+  sc.batch = 3; sc.length = 130; sc.d_inner = 37; sc.d_state = 5;
+  ScanProblem p(mbtest::cpu_layout(sc), 17);
+  auto const a1 = CpuScanRunner<double>{1}.backward<scan::Sequential>(p);
+  auto const a3 = CpuScanRunner<double>{3}.backward<scan::Sequential>(p);
+  CHECK(mbtest::same_bits(a1.dBC, a3.dBC));  // tile-ordered reductions: bit-identical
+  CHECK(mbtest::same_bits(a1.dA, a3.dA));
+  CHECK(mbtest::same_bits(a1.du, a3.du));
   // a second run into the same parameter buffers adds (dA, dD, ddelta_bias += ...)
-  auto U = p.u;
-  std::vector<double> du(U.size()), ddt(U.size()), dbc(p.bc.size()), dz(U.size()), dA(p.A.size(), 0.0), dD(p.D.size(), 0.0),
-      db(p.bias.size(), 0.0);
-  auto f = p.fwd_args(p.u, p.dt, p.bias, p.A, p.bc, p.D, p.z, p.h0);
-  auto a = ssm::SelectiveScanBackwardArguments<double>::from_forward(f);
-  a.dout = p.dout.data(); a.ld_dout = p.ldx; a.dfinal_state = p.dfinal.data();
-  a.du = du.data(); a.ld_du = p.ldx; a.ddelta = ddt.data(); a.ld_ddelta = p.ldx;
-  a.dB = dbc.data(); a.ld_dB = p.ldbc; a.dC = dbc.data() + sc.d_state + 2; a.ld_dC = p.ldbc;
-  a.dz = dz.data(); a.ld_dz = p.ldx; a.dA = dA.data(); a.dD = dD.data(); a.ddelta_bias = db.data();
+  mbtest::HostScanBuffers<double> b(p, 0.0);
+  auto a = mbtest::backward_args<ssm::SelectiveScanBackwardArguments<double>>(p, b);
+  a.dinitial_state = nullptr;
+  a.out = nullptr;
   using Bwd = ssm::SelectiveScanBackward<backend::Cpu, double, scan::Chunked<16>>;
   Bwd::run(a, backend::Cpu{2});
   Bwd::run(a, backend::Cpu{2});
-  for (std::size_t i = 0; i < dA.size(); ++i) REQUIRE(dA[i] == Approx(2 * a1.dA[i]).epsilon(1e-12).margin(1e-300));
-  for (std::size_t i = 0; i < dD.size(); ++i) REQUIRE(dD[i] == Approx(2 * a1.dD[i]).epsilon(1e-12).margin(1e-300));
-  for (std::size_t i = 0; i < db.size(); ++i) REQUIRE(db[i] == Approx(2 * a1.dbias[i]).epsilon(1e-12).margin(1e-300));
-  CHECK(mbtest::rel_err(dbc, a1.dbc) < 1e-12);  // activation gradients are overwritten
+  for (std::size_t i = 0; i < b.dA.size(); ++i) REQUIRE(b.dA[i] == Approx(2 * a1.dA[i]).epsilon(1e-12).margin(1e-300));
+  for (std::size_t i = 0; i < b.dD.size(); ++i) REQUIRE(b.dD[i] == Approx(2 * a1.dD[i]).epsilon(1e-12).margin(1e-300));
+  for (std::size_t i = 0; i < b.dbias.size(); ++i) REQUIRE(b.dbias[i] == Approx(2 * a1.dbias[i]).epsilon(1e-12).margin(1e-300));
+  // activation gradients are overwritten
+  CHECK(mbtest::rel_err(mbtest::bc_entries(p, b.dBC), mbtest::bc_entries(p, a1.dBC)) < 1e-12);
 }
 
 TEMPLATE_TEST_CASE("scan backward in float tracks double", "[backward][scan][float]", scan::Sequential, scan::Chunked<8>,
                    scan::Associative) {
   std::uint64_t seed = 400;
-  for (auto const& sc : kScanCases) {
-    ScanProblem p(sc, seed++);
-    auto const d = run_backward<double, TestType>(p, 2);
-    auto const f = run_backward<float, TestType>(p, 2);
-    INFO("B=" << sc.batch << " L=" << sc.length << " D=" << sc.d_inner);
-    for (auto [x, y] : {std::pair{&f.du, &d.du}, std::pair{&f.ddt, &d.ddt}, std::pair{&f.dbc, &d.dbc}, std::pair{&f.dA, &d.dA},
-                        std::pair{&f.dh0, &d.dh0}})
-      CHECK(mbtest::rel_err(*x, *y) < 1e-4);
-  }
+  for (auto const& sc : mbtest::classic_backward_cases()) mbtest::check_backward<TestType>(CpuScanRunner<float>{2}, sc, seed++);
 }
 
 TEST_CASE("scan backward workspace: checkpoints, not every state", "[backward][scan][memory]") {
@@ -566,14 +435,12 @@ TEST_CASE("scan backward workspace: checkpoints, not every state", "[backward][s
 // (f) bad arguments
 
 TEST_CASE("scan backward rejects bad arguments", "[backward][scan][errors]") {
-  ScanProblem p({1, 5, 4, 2, true, true, true, false, false}, 1);
-  std::vector<double> du(p.u.size()), ddt(p.u.size()), dbc(p.bc.size()), dz(p.u.size()), dA(p.A.size()), dD(4), db(4);
-  auto f = p.fwd_args(p.u, p.dt, p.bias, p.A, p.bc, p.D, p.z, p.h0);
-  auto good = ssm::SelectiveScanBackwardArguments<double>::from_forward(f);
-  good.dout = p.dout.data(); good.ld_dout = p.ldx;
-  good.du = du.data(); good.ld_du = p.ldx; good.ddelta = ddt.data(); good.ld_ddelta = p.ldx;
-  good.dB = dbc.data(); good.ld_dB = p.ldbc; good.dC = dbc.data() + 4; good.ld_dC = p.ldbc;
-  good.dz = dz.data(); good.ld_dz = p.ldx; good.dA = dA.data(); good.dD = dD.data(); good.ddelta_bias = db.data();
+  ScanCase sc;  // D, z, bias on; no initial state, dfinal, dinitial_state or out
+  sc.batch = 1; sc.length = 5; sc.d_inner = 4; sc.d_state = 2;
+  sc.init = false; sc.dfinal = false; sc.dinit = false; sc.out = false;
+  ScanProblem p(mbtest::cpu_layout(sc), 1);
+  mbtest::HostScanBuffers<double> buffers(p, 0.0);
+  auto const good = mbtest::backward_args<ssm::SelectiveScanBackwardArguments<double>>(p, buffers);
   using Bwd = ssm::SelectiveScanBackward<backend::Cpu, double, scan::Chunked<2>>;
   REQUIRE(Bwd::can_implement(good) == Status::kSuccess);
   std::vector<std::function<void(ssm::SelectiveScanBackwardArguments<double>&)>> breakers = {
@@ -640,6 +507,7 @@ TEST_CASE("layer backward operators reject bad arguments", "[backward][errors]")
 
 TEST_CASE("finite-difference agreement summary", "[backward][zz]") {
   WARN("worst FD relative error (layers + scan, this run): " << worst_fd
-       << "; worst policy-vs-Sequential relative error: " << worst_policy_vs_sequential);
+       << "; worst scan backward error / tolerance (policies vs Sequential, float vs double): "
+       << mbtest::worst_backward_rel_err());
   CHECK(worst_fd < kFdTol);
 }
