@@ -873,6 +873,26 @@ void check_backward(R const& runner, ScanCase const& c, std::uint64_t seed) {
   CHECK(pad_ok);
 }
 
+/// check_resume for every (case, split) of resume_cases() and each policy Ps, the same problem
+/// for every policy; one seed per case (seed, seed + 1, ...).
+template <class... Ps, class R>
+void resume_suite(R const& runner, std::uint64_t seed) {
+  for (auto const& [c, split] : resume_cases()) {
+    (check_resume<Ps>(runner, c, split, seed), ...);
+    ++seed;
+  }
+}
+
+/// check_backward for every case of a list and each policy Ps, the same problem for every policy;
+/// one seed per case (seed, seed + 1, ...).
+template <class... Ps, class R>
+void backward_suite(R const& runner, std::vector<ScanCase> const& cases, std::uint64_t seed) {
+  for (auto const& c : cases) {
+    (check_backward<Ps>(runner, c, seed), ...);
+    ++seed;
+  }
+}
+
 /// c.length decode steps (one token per call, the state updated in place, from the initial
 /// state) give the outputs and the final state of the parallel scan (scan::Sequential, same
 /// backend and dtype) and of the fp64 oracle.

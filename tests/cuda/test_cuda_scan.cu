@@ -61,12 +61,7 @@ TEST_CASE("CUDA scan: random shapes, every policy", "[cuda][scan]") {
 
 TEST_CASE("CUDA scan resumed from a carried state equals one long scan", "[cuda][scan][small]") {
   REQUIRE_GPU();
-  std::uint64_t seed = 700;
-  for (auto const& [c, split] : mbtest::resume_cases()) {
-    mbtest::check_resume<Seq>(Runner{}, c, split, seed);
-    mbtest::check_resume<Ch16>(Runner{}, c, split, seed);
-    mbtest::check_resume<scan::Auto>(Runner{}, c, split, seed++);
-  }
+  mbtest::resume_suite<Seq, Ch16, scan::Auto>(Runner{}, 700);
 }
 
 TEST_CASE("CUDA scan matches the reference at model-like sizes", "[cuda][scan]") {

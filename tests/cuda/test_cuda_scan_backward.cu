@@ -47,14 +47,8 @@ TEST_CASE("cuda scan backward: odd shapes, every option", "[cuda][backward][smal
 
 TEST_CASE("cuda scan backward: the CPU backward tests' cases, every policy", "[cuda][backward][small]") {
   REQUIRE_GPU();
-  std::uint64_t seed = 700;
-  for (auto const& c : mbtest::classic_backward_cases()) {
-    check_backward<scan::Sequential>(Runner{}, c, seed);
-    check_backward<scan::Chunked<4>>(Runner{}, c, seed);
-    check_backward<scan::Chunked<16>>(Runner{}, c, seed);
-    check_backward<scan::Associative>(Runner{}, c, seed);
-    check_backward<scan::Auto>(Runner{}, c, seed++);
-  }
+  mbtest::backward_suite<scan::Sequential, scan::Chunked<4>, scan::Chunked<16>, scan::Associative, scan::Auto>(
+      Runner{}, mbtest::classic_backward_cases(), 700);
 }
 
 TEST_CASE("cuda scan backward: random shapes", "[cuda][backward]") {

@@ -81,12 +81,7 @@ TEST_CASE("bf16 CUDA scan: the CPU tests' shapes and the length sweep (L 1..257,
 
 TEST_CASE("bf16 CUDA scan resumed from a carried state equals one long scan", "[cuda][scan][bf16][small]") {
   REQUIRE_GPU();
-  std::uint64_t seed = 700;
-  for (auto const& [c, split] : mbtest::resume_cases()) {
-    mbtest::check_resume<Seq>(Runner{}, c, split, seed);
-    mbtest::check_resume<Ch16>(Runner{}, c, split, seed);
-    mbtest::check_resume<scan::Auto>(Runner{}, c, split, seed++);
-  }
+  mbtest::resume_suite<Seq, Ch16, scan::Auto>(Runner{}, 700);
 }
 
 TEST_CASE("bf16 CUDA scan matches the reference at model-like sizes", "[cuda][scan][bf16]") {
@@ -143,14 +138,8 @@ TEST_CASE("bf16 CUDA scan backward: odd shapes, every option", "[cuda][backward]
 
 TEST_CASE("bf16 CUDA scan backward: the CPU backward tests' cases, every policy", "[cuda][backward][bf16][small]") {
   REQUIRE_GPU();
-  std::uint64_t seed = 5000;
-  for (auto const& c : mbtest::classic_backward_cases()) {
-    check_backward<scan::Sequential>(Runner{}, c, seed);
-    check_backward<scan::Chunked<4>>(Runner{}, c, seed);
-    check_backward<scan::Chunked<16>>(Runner{}, c, seed);
-    check_backward<scan::Associative>(Runner{}, c, seed);
-    check_backward<scan::Auto>(Runner{}, c, seed++);
-  }
+  mbtest::backward_suite<scan::Sequential, scan::Chunked<4>, scan::Chunked<16>, scan::Associative, scan::Auto>(
+      Runner{}, mbtest::classic_backward_cases(), 5000);
 }
 
 TEST_CASE("bf16 CUDA scan backward: 16-byte rows, channel-block and tile edges", "[cuda][backward][bf16][small]") {

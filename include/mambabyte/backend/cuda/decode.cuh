@@ -924,22 +924,29 @@ inline std::size_t gemv_smem(GemvShape const& s, bool norm, int xs_rows, int ldx
 
 inline bool aligned16(void const* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-/// Launch with (pdl) or without programmatic stream serialization.
+/// Launch on be.stream with at most one launch attribute (null: none).
 template <class... KArgs, class... Args>
-inline void launch_kernel(Cuda const& be, bool pdl, void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem,
-                          Args const&... args) {
+inline void launch_with(Cuda const& be, cudaLaunchAttribute* attr, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                        std::size_t smem, Args const&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = be.stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cfg.numAttrs = attr != nullptr ? 1 : 0;
   MAMBABYTE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+}
+
+/// Launch with (pdl) or without programmatic stream serialization.
+template <class... KArgs, class... Args>
+inline void launch_kernel(Cuda const& be, bool pdl, void (*kernel)(KArgs...), dim3 grid, dim3 block, std::size_t smem,
+                          Args const&... args) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  launch_with(be, pdl ? &attr : nullptr, kernel, grid, block, smem, args...);
 }
 
 }  // namespace decode_detail

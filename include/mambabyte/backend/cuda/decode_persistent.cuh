@@ -723,21 +723,9 @@ inline void persistent_decode_step(Cuda const& be, DecodeArgs<__nv_bfloat16> con
   require(persistent_decode_aligned(a), "persistent_decode_step: a pointer is not 16-byte aligned");
   ScopedDevice guard(be.device);
   Layout const lo = make_layout(d, be.device);
-  Params p;
-  p.n_layer = d.n_layer;
-  p.eps = d.eps;
-  p.rms = d.rms;
-  p.tokens = a.tokens;
-  p.table = a.embedding;
-  p.norm_f_w = a.norm_f_w;
-  p.norm_f_b = a.norm_f_b;
-  p.head = a.lm_head;
-  p.resid = a.resid;
-  p.y = a.y;
-  p.xpart = a.xpart;
-  p.logits = a.logits;
-  p.barrier = barrier;
-  p.profile = profile;
+  Params p{.n_layer = d.n_layer, .eps = d.eps, .rms = d.rms, .tokens = a.tokens, .table = a.embedding,
+           .norm_f_w = a.norm_f_w, .norm_f_b = a.norm_f_b, .head = a.lm_head, .resid = a.resid, .y = a.y,
+           .xpart = a.xpart, .logits = a.logits, .barrier = barrier, .profile = profile, .layers = {}};
   for (int l = 0; l < d.n_layer; ++l) {
     auto const& L = a.layers[static_cast<std::size_t>(l)];
     p.layers[l] = LayerPtrs{L.norm_w, L.norm_b,   L.in_proj_w, L.in_proj_b,  L.conv_w,     L.conv_b,
@@ -745,18 +733,11 @@ inline void persistent_decode_step(Cuda const& be, DecodeArgs<__nv_bfloat16> con
                             L.conv_state, L.ssm_state};
   }
   MAMBABYTE_CUDA_CHECK(cudaMemsetAsync(barrier, 0, sizeof(unsigned), be.stream));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(lo.G));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = lo.bytes;
-  cfg.stream = be.stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = cooperative ? 1 : 0;
-  MAMBABYTE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, persistent_decode_kernel, p, lo));
-  MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeCooperative;
+  attr.val.cooperative = 1;
+  decode_detail::launch_with(be, cooperative ? &attr : nullptr, persistent_decode_kernel, dim3(static_cast<unsigned>(lo.G)),
+                             dim3(kThreads), lo.bytes, p, lo);
 }
 
 }  // namespace mambabyte::backend::cuda
