@@ -172,19 +172,24 @@ inline std::vector<ScanCase> classic_forward_cases() {
   return v;
 }
 
-/// Random shapes (the CPU property test): B 1..3, L 1..200, D 1..40, N 1..20, options random.
-inline std::vector<ScanCase> random_forward_cases(std::uint64_t seed, int n) {
+/// n random cases: B 1..3, L 1..max_len, D 1..40, N 1..max_state, options random (dfinal too
+/// when with_dfinal); the draws in a fixed order from the seed.
+inline std::vector<ScanCase> random_cases(std::uint64_t seed, int n, int max_len, int max_state, bool with_dfinal) {
   std::mt19937_64 rng(seed);
   std::vector<ScanCase> v;
   for (int i = 0; i < n; ++i) {
     ScanCase c;
-    c.batch = 1 + int(rng() % 3); c.length = 1 + int(rng() % 200); c.d_inner = 1 + int(rng() % 40);
-    c.d_state = 1 + int(rng() % 20);
+    c.batch = 1 + int(rng() % 3); c.length = 1 + int(rng() % max_len); c.d_inner = 1 + int(rng() % 40);
+    c.d_state = 1 + int(rng() % max_state);
     c.D = bool(rng() & 1); c.z = bool(rng() & 1); c.bias = bool(rng() & 1); c.init = bool(rng() & 1);
+    if (with_dfinal) c.dfinal = bool(rng() & 1);
     v.push_back(cpu_layout(c));
   }
   return v;
 }
+
+/// Random shapes (the CPU property test): B 1..3, L 1..200, D 1..40, N 1..20, options random.
+inline std::vector<ScanCase> random_forward_cases(std::uint64_t seed, int n) { return random_cases(seed, n, 200, 20, false); }
 
 /// Small odd shapes: L 1, 2, 17, 100 x D 1, 37, 130 (partial channel blocks), d_state 16, in
 /// three row layouts: u / delta / z rows and x_proj rows both 16-byte aligned (for bf16 and
@@ -344,19 +349,7 @@ inline std::vector<ScanCase> classic_backward_cases() {
 }
 
 /// Random backward cases (the CPU property test): B 1..3, L 1..300, D 1..40, N 1..17.
-inline std::vector<ScanCase> random_backward_cases(std::uint64_t seed, int n) {
-  std::mt19937_64 rng(seed);
-  std::vector<ScanCase> v;
-  for (int i = 0; i < n; ++i) {
-    ScanCase c;
-    c.batch = 1 + int(rng() % 3); c.length = 1 + int(rng() % 300); c.d_inner = 1 + int(rng() % 40);
-    c.d_state = 1 + int(rng() % 17);
-    c.D = bool(rng() & 1); c.z = bool(rng() & 1); c.bias = bool(rng() & 1); c.init = bool(rng() & 1);
-    c.dfinal = bool(rng() & 1);
-    v.push_back(cpu_layout(c));
-  }
-  return v;
-}
+inline std::vector<ScanCase> random_backward_cases(std::uint64_t seed, int n) { return random_cases(seed, n, 300, 17, true); }
 
 /// Every backward option on and off across 8 masks, for each length in `lengths` and D 1, 37,
 /// 130: batch 1 / 3, bias, softplus, D, z, initial state, dfinal, dinitial, out, both B / C
