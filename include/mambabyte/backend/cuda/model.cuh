@@ -350,7 +350,11 @@ class Model {
           break;
         } catch (Error const&) {
           // a launch attribute could not be captured here: drop it and capture again
-          // (the cooperative attribute of the persistent step, then PDL of the fused kernels)
+          // (the cooperative attribute of the persistent step, then PDL of the fused kernels).
+          // Without the attribute the persistent grid (at most one block per SM, and one block
+          // fits an SM: persistent_decode_supported) is co-resident on an otherwise idle GPU;
+          // if it is not, its barrier traps after kBarrierTimeoutNs and the step reports a
+          // CUDA error instead of hanging.
           (void)cudaGetLastError();
           if (persistent_ && coop_) coop_ = false;
           else if (decode_ && !persistent_ && pdl_) pdl_ = false;
