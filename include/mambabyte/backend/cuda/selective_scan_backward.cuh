@@ -5,34 +5,36 @@
  *  Math and argument semantics: ssm/selective_scan_backward.hpp (activation gradients written,
  *  dA / dD / ddelta_bias accumulated, ddelta w.r.t. the raw delta before bias and softplus).
  *
- *  One thread per (batch, channel), kBwdThreads = 32 channels of one batch per block (one warp),
- *  the d_state states, the adjoint carry and the dA partial sums in registers. Launches on
+ *  Two threads per (batch, channel) (kBwdSplit; each holds d_state/2 states in registers),
+ *  kBwdCh = 64 channels of one batch and one time segment per block (4 warps). Launches on
  *  be.stream:
- *   0. time-parallel runs only (Chunked<L>, Auto on few channel blocks): time is cut into
- *      segments; kernel::bwd_seg_local scans every segment but the last forward from a zero
- *      state and every segment but the first backward with the adjoint recurrence from a zero
- *      carry (needs only dy, C and the decays), with its sum of deltas; kernel::bwd_seg_carry
- *      carries both across segments (decay of a segment = exp(A sum delta)), giving each
- *      segment its entering state and its adjoint carry from the end.
- *   1. kernel::bwd_checkpoints (per segment): the forward recurrence from the segment's state,
- *      storing the state entering every chunk of kBwdChunk = 8 steps (channel-innermost).
- *   2. kernel::bwd_scan (per segment): chunks last to first; per chunk the inputs are loaded
- *      into registers (u, delta, dout, z) and shared memory (B_t, C_t rows) at once, the states
- *      h_{t0-1..t1-1} are recomputed from the checkpoint into shared memory (per-thread columns),
- *      then the chunk is swept backwards with g_t = C_t dy_t + a_{t+1} g_{t+1}, writing du,
- *      ddelta, dz (and out when asked) and accumulating dA, dD, ddelta_bias per thread.
- *      dB_t / dC_t (sums over channels) are reduced deterministically: a warp reduce-scatter
- *      (31 shuffles for 32 values) into per-channel-block partial rows of the workspace.
+ *   1. kernel::bwd_local (per segment): the forward recurrence from the segment's entering
+ *      state (initial_state or zero), storing the state entering every chunk of kBwdChunk = 4
+ *      steps (checkpoints, states innermost); segments > 0 of time-parallel runs (Chunked<L>,
+ *      Auto on few channel blocks) also run the adjoint recurrence from a zero carry over the
+ *      segment (it needs only dy, C and the decays), with the segment's sum of deltas;
+ *      kernel::bwd_seg_carry then carries both across segments (decay of a segment =
+ *      exp(A sum delta)): each segment's entering state and its adjoint carry from the end.
+ *   2. kernel::bwd_scan (per segment): tiles of 8 steps last to first, staged by cp.async and
+ *      widened once per block (softplus, sigmoid, dy = dout silu(z) per (step, channel)); per
+ *      chunk: the entering state (checkpoint, corrected by the segment's entering state), a
+ *      forward recompute keeping h_{t-1} in registers and a_t = exp(dt A) in shared memory
+ *      (writing dz and out), then the reverse sweep g_t = C_t dy_t + a_{t+1} g_{t+1} (writing
+ *      du and ddelta) accumulating dA, dD, ddelta_bias per thread. dB_t / dC_t (sums over
+ *      channels): a warp reduce-scatter, the block's warps summed in order into one partial
+ *      row per channel block. Full chunks run unguarded straight-line code.
  *   3. kernel::bwd_reduce_bc: dB / dC rows = the channel blocks' partials summed in block order.
  *   4. kernel::bwd_reduce_params: dA, dD, ddelta_bias += the per-(batch, segment) partials, in order.
  *  No atomics: results are bitwise deterministic for a given device, shape and policy.
- *  Exponentials per state-step: 3 with one segment, 5 with segments.
+ *  Exponentials per state-step: 2 with one segment (checkpoint pass, recompute), ~3.5 with
+ *  segments (plus the local adjoint of every segment but the first).
  *
- *  Workspace (floats; S = segments): batch x ceil(L/8) x d_state x d_inner (checkpoints)
- *    + ceil(d_inner/32) x batch x L x 2 kN (dB / dC partials; kN = 16 for d_state <= 16, else 32)
+ *  Workspace (floats; S = segments): batch x ceil(L/4) x d_inner x d_state (checkpoints)
+ *    + ceil(d_inner/64) x batch x L x 2 kN (dB / dC partials; kN = 16 for d_state <= 16, else 32)
  *    + batch x S x d_inner x (d_state + 2) (parameter partials)
- *    + (S > 1) batch x S x d_inner x (2 d_state + 1) (segment states, carries, delta sums).
- *  About 1.6 GB at (8, 2048, 8192, 16). d_state <= 32 (16: exact fast path); more: kUnsupported.
+ *    + (S > 1) batch x ceil(L/4) x d_inner (delta sums) + batch x S x d_inner x (2 d_state + 1)
+ *    (segment states, carries, delta sums).
+ *  About 2.6 GB at (8, 2048, 8192, 16). d_state <= 32 (16: exact fast path); more: kUnsupported.
  *
  *  bf16 storage: ssm::SelectiveScanBackward<backend::Cuda, __nv_bfloat16, Policy> (same
  *  policies) takes backend::cuda::MixedScanBackwardArguments<__nv_bfloat16>: the activations
@@ -188,7 +190,8 @@ using scan_detail::ex2_approx;
 using scan_detail::from_f;
 using scan_detail::load_f;
 using scan_detail::rows_aligned16;
-using scan_detail::softplus_dev;
+using scan_detail::sigmoid_fast;
+using scan_detail::softplus_fast;
 using scan_detail::to_f;
 
 inline constexpr int kBwdSplit = 2;                       ///< threads per channel (kN / 2 states each)
@@ -208,7 +211,7 @@ struct BwdParams {
   MixedScanBackwardArguments<TS> a;
   int n_chunks = 0;        ///< chunks of kBwdChunk steps over the whole length
   int blocks_d = 0;        ///< channel blocks (kBwdCh channels each)
-  float* ck = nullptr;     ///< [batch][n_chunks][d_state][d_inner]: state entering each chunk (segment-local)
+  float* ck = nullptr;     ///< [batch][n_chunks][d_inner][d_state]: state entering each chunk (segment-local)
   float* cum = nullptr;    ///< [batch][n_chunks][d_inner]: sum of deltas from the segment start (n_seg > 1)
   float* bc = nullptr;     ///< [blocks_d][batch][length][2 kN]: dB / dC partial rows
   float* par = nullptr;    ///< [batch][n_seg][d_inner][d_state + 2]: dA, dD, dbias partials
@@ -259,6 +262,10 @@ struct alignas(16) BwdScanSmem {
   BwdRaw<kN, TS> raw;
   BwdCooked<kN> ck;
   float red[2][kBwdWarps][kBwdChunk][2 * kN];  ///< per-warp dB / dC sums of a chunk (two parities)
+  /// a_t = exp(dt A) of the chunk's steps, per thread (written by the recompute, read back by
+  /// the reverse sweep of the same thread: 4 shared-memory accesses instead of 2 x kNT
+  /// multiplies and exponentials per step); [step][float4 group][thread]: conflict-free.
+  float4 at[kBwdChunk][kN / kBwdSplit / 4][kBwdThreads];
 };
 
 /// Copies rows [0, nt) x kBwdCh columns of one (batch, length, d_inner)-shaped tensor, starting
@@ -347,7 +354,8 @@ __device__ __forceinline__ void bwd_issue(BwdParams<TS> const& p, BwdRaw<kN, TS>
 }
 
 /// Widens the staged tile into `ck`, computing each (step, channel) scalar once (a thread per
-/// column, `bias` its channel's delta bias). mask: as given to bwd_issue; kFull: also dzf,
+/// column, `bias` its channel's delta bias), with the fast softplus / sigmoid (a few ulp, far
+/// inside the backward's tolerance; the forward's values are recomputed, not reused). mask: as given to bwd_issue; kFull: also dzf,
 /// silu and dsc (the scan pass).
 template <bool kFull, int kN, class TS>
 __device__ __forceinline__ void bwd_cook(BwdParams<TS> const& p, BwdRaw<kN, TS> const& st, BwdCooked<kN>& ck,
@@ -356,17 +364,17 @@ __device__ __forceinline__ void bwd_cook(BwdParams<TS> const& p, BwdRaw<kN, TS> 
   int const tid = threadIdx.x;
   int const col = tid % kBwdCh;
   bool const has_z = a.z != nullptr;
+  bool const sp = a.delta_softplus;
   for (int k = tid / kBwdCh; k < nt; k += kBwdThreads / kBwdCh) {
     float const v = to_f(st.x[1][k][col]) + bias;
-    float const dt = a.delta_softplus ? softplus_dev(v) : v;
-    ck.dt[k][col] = dt;
+    ck.dt[k][col] = sp ? softplus_fast(v) : v;
     if (mask & kLdU) ck.u[k][col] = to_f(st.x[0][k][col]);
     if (mask & kLdDout) {
       float const dout = to_f(st.x[2][k][col]);
       float dy = dout, silu = 1.f, dzf = 0.f;
       if (has_z) {
         float const zz = to_f(st.x[3][k][col]);
-        float const sig = 1.f / (1.f + __expf(-zz));
+        float const sig = sigmoid_fast(zz);
         silu = zz * sig;
         dy = dout * silu;
         dzf = dout * sig * (1.f + zz * (1.f - sig));
@@ -375,7 +383,7 @@ __device__ __forceinline__ void bwd_cook(BwdParams<TS> const& p, BwdRaw<kN, TS> 
       if constexpr (kFull) {
         ck.dzf[k][col] = dzf;
         ck.silu[k][col] = silu;
-        ck.dsc[k][col] = (a.delta_softplus && v <= 20.f) ? __fdividef(1.f, 1.f + __expf(-v)) : 1.f;
+        ck.dsc[k][col] = (sp && v <= 20.f) ? sigmoid_fast(v) : 1.f;
       }
     }
   }
@@ -426,6 +434,14 @@ __device__ __forceinline__ bool bwd_scatter_writer(int lane) {
 
 namespace kernel {
 
+/// Checkpoints: the state entering chunk c of batch b, channel d, at
+/// ck[((b n_chunks + c) d_inner + d) N + n] (states innermost: a thread's kNT states are
+/// contiguous, 16-byte vectors on the exact path, and a warp's accesses are contiguous).
+template <class TS>
+__device__ __forceinline__ float* ck_slot(BwdParams<TS> const& p, int b, int c, int d, int N) {
+  return p.ck + ((static_cast<std::int64_t>(b) * p.n_chunks + c) * p.a.d_inner + d) * N;
+}
+
 /// Pass 1 (per batch, time segment, block of kBwdCh channels; two threads per channel):
 ///  - forward recurrence over the segment, from initial_state (segment 0) or from zero, storing
 ///    the state entering every kBwdChunk-step chunk in ck (and, time-parallel runs, the sum of
@@ -433,6 +449,7 @@ namespace kernel {
 ///    and the segment's sum of deltas in dsum;
 ///  - segments > 0 of time-parallel runs: the adjoint recurrence from a zero carry backwards
 ///    over the segment (needs only dy, C and the decays), a_t0 g_t0 into Qs.
+/// Full tiles run unguarded straight-line code; only a ragged last tile takes the guarded copy.
 template <int kN, bool kExact, class TS = float>
 MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks : 2) bwd_local(BwdParams<TS> const p) {
   constexpr int T = kBwdTile;
@@ -463,30 +480,29 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks 
   }
   bool const store_cum = p.n_seg > 1;
   float dsum = 0.f;
+  float* const ckp = ck_slot(p, b, 0, dc, N) + n0;                // chunk 0 of this thread
+  std::int64_t const ck_step = static_cast<std::int64_t>(a.d_inner) * N;  // one chunk further
+  float* const cump = store_cum ? p.cum + static_cast<std::int64_t>(b) * p.n_chunks * a.d_inner + d : nullptr;
 
   // ---- forward over the segment ----
-  constexpr unsigned kFwd = kLdU | kLdDelta | kLdB;
-  bwd_issue<kN>(p, sm.raw, b, t_begin, min(T, t_end - t_begin), kFwd);
-  for (int j = 0; j < n_tiles; ++j) {
-    int const tt = t_begin + j * T;
-    int const nt = min(T, t_end - tt);
-    __pipeline_wait_prior(0);
-    __syncthreads();
-    bwd_cook<false>(p, sm.raw, sm.ck, nt, cbias, kFwd);
-    __syncthreads();
-    if (j + 1 < n_tiles) bwd_issue<kN>(p, sm.raw, b, tt + T, min(T, t_end - tt - T), kFwd);
+  auto fwd_tile = [&](int tt, int nt, auto guarded) {
+    constexpr bool kG = decltype(guarded)::value;
 #pragma unroll
     for (int k = 0; k < T; ++k) {
-      if (k < nt) {
-        if (k % kBwdChunk == 0) {
+      if (!kG || k < nt) {
+        if (k % kBwdChunk == 0 && active) {
           int const c = (tt + k) / kBwdChunk;
-          if (active) {
-            float* dst = p.ck + (static_cast<std::int64_t>(b) * p.n_chunks + c) * sN + d;
+          float* dst = ckp + c * ck_step;
+          if constexpr (kExact) {
+#pragma unroll
+            for (int q = 0; q < kNT / 4; ++q)
+              reinterpret_cast<float4*>(dst)[q] = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
+          } else {
 #pragma unroll
             for (int i = 0; i < kNT; ++i)
-              if (n0 + i < N) dst[static_cast<std::int64_t>(n0 + i) * a.d_inner] = h[i];
-            if (store_cum && sub == 0) p.cum[(static_cast<std::int64_t>(b) * p.n_chunks + c) * a.d_inner + d] = dsum;
+              if (n0 + i < N) dst[i] = h[i];
           }
+          if (store_cum && sub == 0) cump[static_cast<std::int64_t>(c) * a.d_inner] = dsum;
         }
         float const dt = sm.ck.dt[k][ch];
         float const dtu = dt * sm.ck.u[k][ch];
@@ -504,6 +520,19 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks 
         dsum += dt;
       }
     }
+  };
+  constexpr unsigned kFwd = kLdU | kLdDelta | kLdB;
+  bwd_issue<kN>(p, sm.raw, b, t_begin, min(T, t_end - t_begin), kFwd);
+  for (int j = 0; j < n_tiles; ++j) {
+    int const tt = t_begin + j * T;
+    int const nt = min(T, t_end - tt);
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    bwd_cook<false>(p, sm.raw, sm.ck, nt, cbias, kFwd);
+    __syncthreads();
+    if (j + 1 < n_tiles) bwd_issue<kN>(p, sm.raw, b, tt + T, min(T, t_end - tt - T), kFwd);
+    if (nt == T) fwd_tile(tt, nt, std::false_type{});
+    else fwd_tile(tt, nt, std::true_type{});
   }
   if (p.n_seg > 1 && active) {
     std::int64_t const slot = (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
@@ -517,6 +546,27 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks 
   if (sg == 0) return;  // block-uniform
 
   // ---- adjoint from a zero carry, backwards over the segment ----
+  auto adj_tile = [&](int nt, auto guarded) {
+    constexpr bool kG = decltype(guarded)::value;
+#pragma unroll
+    for (int k = T - 1; k >= 0; --k) {
+      if (!kG || k < nt) {
+        float const dt = sm.ck.dt[k][ch];
+        float const dy = sm.ck.dy[k][ch];
+        float4 const* C4 = reinterpret_cast<float4 const*>(&sm.ck.bc[k][kN + n0]);
+#pragma unroll
+        for (int q = 0; q < kNT / 4; ++q) {
+          float4 const Cq = C4[q];
+          float const Cv[4] = {Cq.x, Cq.y, Cq.z, Cq.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            int const i = 4 * q + e;
+            h[i] = ex2_approx(dt * A2[i]) * fmaf(Cv[e], dy, h[i]);
+          }
+        }
+      }
+    }
+  };
   constexpr unsigned kAdj = kLdDelta | kLdDout | kLdZ | kLdC;
 #pragma unroll
   for (int i = 0; i < kNT; ++i) h[i] = 0.f;
@@ -533,24 +583,8 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks 
     bwd_cook<false>(p, sm.raw, sm.ck, nt, cbias, kAdj);
     __syncthreads();
     if (j > 0) bwd_issue<kN>(p, sm.raw, b, tt - T, T, kAdj);
-#pragma unroll
-    for (int k = T - 1; k >= 0; --k) {
-      if (k < nt) {
-        float const dt = sm.ck.dt[k][ch];
-        float const dy = sm.ck.dy[k][ch];
-        float4 const* C4 = reinterpret_cast<float4 const*>(&sm.ck.bc[k][kN + n0]);
-#pragma unroll
-        for (int q = 0; q < kNT / 4; ++q) {
-          float4 const Cq = C4[q];
-          float const Cv[4] = {Cq.x, Cq.y, Cq.z, Cq.w};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            int const i = 4 * q + e;
-            h[i] = ex2_approx(dt * A2[i]) * fmaf(Cv[e], dy, h[i]);
-          }
-        }
-      }
-    }
+    if (nt == T) adj_tile(nt, std::false_type{});
+    else adj_tile(nt, std::true_type{});
   }
   if (active) {
     std::int64_t const slot = (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
@@ -564,10 +598,12 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks 
 /// with half the states): tiles of the segment last to first, staged by cp.async (the next
 /// one loads while this one computes) and widened once; per chunk of kBwdChunk steps, last to
 /// first: the entering state (checkpoint + exp(A cum) x state entering the segment), a forward
-/// recompute keeping h_{t-1} in registers that also writes dz / out and reduces dC_t, then the
-/// reverse sweep g_t = C_t dy_t + a_{t+1} g_{t+1} writing du, ddelta and reducing dB_t, with
-/// dA, dD, ddelta_bias accumulated per thread. dB / dC: a warp reduce-scatter over the warp's
-/// 16 channels, then the block's 4 warps summed in order into one partial row per block.
+/// recompute keeping h_{t-1} in registers and a_t in shared memory that also writes dz / out
+/// and reduces dC_t, then the reverse sweep g_t = C_t dy_t + a_{t+1} g_{t+1} writing du,
+/// ddelta and reducing dB_t, with dA, dD, ddelta_bias accumulated per thread. dB / dC: a warp
+/// reduce-scatter over the warp's 16 channels, then the block's 4 warps summed in order into
+/// one partial row per block. The two threads of a channel split the stores: the first writes
+/// dz and du, the second out and ddelta. Full chunks run unguarded straight-line code.
 template <int kN, bool kExact, class TS = float>
 MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks : 2) bwd_scan(BwdParams<TS> const p) {
   constexpr int K = kBwdChunk;
@@ -596,7 +632,8 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
   float const cbias = a.delta_bias ? a.delta_bias[colc] : 0.f;
   bool const corr = sg > 0;  // segment 0's checkpoints hold the true states
 
-  float A2[kNT], G[kNT], dA[kNT];
+  // G: adjoint carry; Hs: the state entering the segment (added to each checkpoint, decayed)
+  float A2[kNT], G[kNT], dA[kNT], Hs[kNT];
   std::int64_t const sslot = (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
 #pragma unroll
   for (int i = 0; i < kNT; ++i) {
@@ -606,28 +643,159 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
       G[i] = (active && n < N) ? p.Qs[sslot + static_cast<std::int64_t>(n) * a.d_inner] : 0.f;
     else
       G[i] = (active && n < N && a.dfinal_state) ? a.dfinal_state[b * sN + static_cast<std::int64_t>(d) * N + n] : 0.f;
+    Hs[i] = (corr && active && n < N) ? p.Hs[sslot + static_cast<std::int64_t>(n) * a.d_inner] : 0.f;
     dA[i] = 0.f;
   }
   float const Dd = a.D ? a.D[dc] : 0.f;
   float dD = 0.f, dbias = 0.f;
 
+  // This thread's output streams: the first thread of a channel writes dz (recompute) and du
+  // (reverse), the second out and ddelta; f1 is the factor of its recompute output.
+  TS* const o1 = sub == 0 ? a.dz : a.out;
+  std::int64_t const ld1 = sub == 0 ? a.ld_dz : a.ld_out;
+  TS* const o2 = sub == 0 ? a.du : a.ddelta;
+  std::int64_t const ld2 = sub == 0 ? a.ld_du : a.ld_ddelta;
+  bool const w1 = active && o1 != nullptr;
+  float const (*const f1)[kBwdCh] = sub == 0 ? sm.ck.dzf : sm.ck.silu;
+
   // Checkpoint of chunk c (and its delta sum) into registers, issued one chunk ahead.
   float hn[kNT], cumn = 0.f;
+  float const* const ckp = ck_slot(p, b, 0, dc, N) + n0;
+  std::int64_t const ck_step = static_cast<std::int64_t>(a.d_inner) * N;
   auto fetch_ck = [&](int c) {
-    float const* src = p.ck + (static_cast<std::int64_t>(b) * p.n_chunks + c) * sN + d;
+    float const* src = ckp + c * ck_step;
+    if constexpr (kExact) {
 #pragma unroll
-    for (int i = 0; i < kNT; ++i)
-      hn[i] = (active && n0 + i < N) ? src[static_cast<std::int64_t>(n0 + i) * a.d_inner] : 0.f;
+      for (int q = 0; q < kNT / 4; ++q) {
+        float4 const v = __ldg(reinterpret_cast<float4 const*>(src) + q);
+        hn[4 * q] = active ? v.x : 0.f;
+        hn[4 * q + 1] = active ? v.y : 0.f;
+        hn[4 * q + 2] = active ? v.z : 0.f;
+        hn[4 * q + 3] = active ? v.w : 0.f;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) hn[i] = (active && n0 + i < N) ? __ldg(src + i) : 0.f;
+    }
     if (corr) cumn = active ? p.cum[(static_cast<std::int64_t>(b) * p.n_chunks + c) * a.d_inner + d] : 0.f;
   };
   fetch_ck((t_end - 1) / K);
+
+  int par = 0;
+  // One chunk of `len` steps at tile row kb (tile at time tt). kG: len may be < K.
+  auto chunk = [&](int tt, int kb, int len, auto guarded) {
+    constexpr bool kG = decltype(guarded)::value;
+    int const c = (tt + kb) / K;
+    // Entering state of the chunk; then fetch the next (earlier) chunk's checkpoint.
+    float hcur[kNT];
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) hcur[i] = corr ? fmaf(ex2_approx(A2[i] * cumn), Hs[i], hn[i]) : hn[i];
+    if (c > c_first) fetch_ck(c - 1);
+    std::int64_t const row = row0 + tt + kb;
+
+    // Forward recompute: h_{t-1} kept, a_t to shared memory, dz / out written, dC_t reduced.
+    float hp[K][kNT];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (!kG || k < len) {
+        int const kk = kb + k;
+        float const dt = sm.ck.dt[kk][ch];
+        float const u = sm.ck.u[kk][ch];
+        float const dtu = dt * u;
+        float4 const* B4 = reinterpret_cast<float4 const*>(&sm.ck.bc[kk][n0]);
+        float4 const* C4 = reinterpret_cast<float4 const*>(&sm.ck.bc[kk][kN + n0]);
+        float y0 = 0.f, y1 = 0.f;
+#pragma unroll
+        for (int q = 0; q < kNT / 4; ++q) {
+          float4 const Bq = B4[q], Cq = C4[q];
+          float const Bv[4] = {Bq.x, Bq.y, Bq.z, Bq.w};
+          float const Cv[4] = {Cq.x, Cq.y, Cq.z, Cq.w};
+          float at[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            int const i = 4 * q + e;
+            hp[k][i] = hcur[i];
+            at[e] = ex2_approx(dt * A2[i]);
+            hcur[i] = fmaf(at[e], hcur[i], dtu * Bv[e]);
+            if (e & 1) y1 = fmaf(hcur[i], Cv[e], y1);
+            else y0 = fmaf(hcur[i], Cv[e], y0);
+          }
+          sm.at[k][q][tid] = make_float4(at[0], at[1], at[2], at[3]);
+        }
+        float const dy = sm.ck.dy[kk][ch];
+        float vC[kNT];
+#pragma unroll
+        for (int i = 0; i < kNT; ++i) vC[i] = dy * hcur[i];
+        float y = y0 + y1;
+        y += __shfl_xor_sync(0xffffffffu, y, 1);
+        y = fmaf(Dd, u, y);
+        if (w1) o1[(row + k) * ld1 + d] = from_f<TS>(y * f1[kk][ch]);
+        float const r = bwd_warp_scatter<kNT>(vC, lane);
+        if (bwd_scatter_writer<kNT>(lane)) sm.red[par][warp][k][kN + n0 + bwd_scatter_index<kNT>(lane)] = r;
+      }
+    }
+    // Reverse sweep over the chunk.
+#pragma unroll
+    for (int k = K - 1; k >= 0; --k) {
+      if (!kG || k < len) {
+        int const kk = kb + k;
+        float const dt = sm.ck.dt[kk][ch];
+        float const u = sm.ck.u[kk][ch];
+        float const dy = sm.ck.dy[kk][ch];
+        float const dtu = dt * u;
+        float4 const* B4 = reinterpret_cast<float4 const*>(&sm.ck.bc[kk][n0]);
+        float4 const* C4 = reinterpret_cast<float4 const*>(&sm.ck.bc[kk][kN + n0]);
+        float gB0 = 0.f, gB1 = 0.f, gA0 = 0.f, gA1 = 0.f;
+        float vB[kNT];
+#pragma unroll
+        for (int q = 0; q < kNT / 4; ++q) {
+          float4 const Bq = B4[q], Cq = C4[q], Aq = sm.at[k][q][tid];
+          float const Bv[4] = {Bq.x, Bq.y, Bq.z, Bq.w};
+          float const Cv[4] = {Cq.x, Cq.y, Cq.z, Cq.w};
+          float const Av[4] = {Aq.x, Aq.y, Aq.z, Aq.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            int const i = 4 * q + e;
+            float const g = fmaf(Cv[e], dy, G[i]);
+            if (e & 1) gB1 = fmaf(g, Bv[e], gB1);
+            else gB0 = fmaf(g, Bv[e], gB0);
+            G[i] = Av[e] * g;
+            float const gah = G[i] * hp[k][i];  // g_t a_t h_{t-1}
+            if (e & 1) gA1 = fmaf(gah, A2[i], gA1);
+            else gA0 = fmaf(gah, A2[i], gA0);
+            dA[i] = fmaf(gah, dt, dA[i]);
+            vB[i] = g * dtu;
+          }
+        }
+        float gB = gB0 + gB1, gAh = gA0 + gA1;
+        gB += __shfl_xor_sync(0xffffffffu, gB, 1);
+        gAh += __shfl_xor_sync(0xffffffffu, gAh, 1);
+        float const dd = fmaf(u, gB, gAh * kLn2) * sm.ck.dsc[kk][ch];
+        if (active) o2[(row + k) * ld2 + d] = from_f<TS>(sub == 0 ? fmaf(dt, gB, Dd * dy) : dd);
+        dD = fmaf(dy, u, dD);
+        dbias += dd;
+        float const r = bwd_warp_scatter<kNT>(vB, lane);
+        if (bwd_scatter_writer<kNT>(lane)) sm.red[par][warp][k][n0 + bwd_scatter_index<kNT>(lane)] = r;
+      }
+    }
+    __syncthreads();
+    // The block's partial rows of dB / dC for this chunk (warps summed in order).
+    float* dst = p.bc + ((static_cast<std::int64_t>(blockIdx.x) * a.batch + b) * L + tt + kb) * (2 * kN);
+    for (int i = tid; i < len * 2 * kN; i += kBwdThreads) {
+      int const k = i / (2 * kN), jj = i - k * (2 * kN);
+      float s = sm.red[par][0][k][jj];
+#pragma unroll
+      for (int w = 1; w < kBwdWarps; ++w) s += sm.red[par][w][k][jj];
+      dst[i] = s;
+    }
+    par ^= 1;  // the next chunk writes the other buffer; this one is rewritten after a barrier
+  };
 
   constexpr unsigned kAll = kLdU | kLdDelta | kLdDout | kLdZ | kLdB | kLdC;
   {
     int const tl = t_begin + (n_tiles - 1) * T;
     bwd_issue<kN>(p, sm.raw, b, tl, t_end - tl, kAll);
   }
-  int par = 0;
   for (int j = n_tiles - 1; j >= 0; --j) {
     int const tt = t_begin + j * T;
     int const nt = min(T, t_end - tt);
@@ -641,123 +809,8 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
       int const kb = hh * K;
       if (kb >= nt) continue;  // block-uniform
       int const len = min(K, nt - kb);
-      int const c = (tt + kb) / K;
-      // Entering state of the chunk; then fetch the next (earlier) chunk's checkpoint.
-      float hcur[kNT];
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) hcur[i] = hn[i];
-      if (corr && active) {
-#pragma unroll
-        for (int i = 0; i < kNT; ++i)
-          if (n0 + i < N)
-            hcur[i] = fmaf(ex2_approx(A2[i] * cumn), __ldg(p.Hs + sslot + static_cast<std::int64_t>(n0 + i) * a.d_inner), hcur[i]);
-      }
-      if (c > c_first) fetch_ck(c - 1);
-
-      // Forward recompute: h_{t-1} kept, dz / out written, dC_t reduced.
-      float hp[K][kNT];
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        if (k < len) {
-          int const kk = kb + k;
-          float const dt = sm.ck.dt[kk][ch];
-          float const u = sm.ck.u[kk][ch];
-          float const dtu = dt * u;
-          float4 const* B4 = reinterpret_cast<float4 const*>(&sm.ck.bc[kk][n0]);
-          float4 const* C4 = reinterpret_cast<float4 const*>(&sm.ck.bc[kk][kN + n0]);
-          float y0 = 0.f, y1 = 0.f;
-#pragma unroll
-          for (int q = 0; q < kNT / 4; ++q) {
-            float4 const Bq = B4[q], Cq = C4[q];
-            float const Bv[4] = {Bq.x, Bq.y, Bq.z, Bq.w};
-            float const Cv[4] = {Cq.x, Cq.y, Cq.z, Cq.w};
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              int const i = 4 * q + e;
-              hp[k][i] = hcur[i];
-              hcur[i] = fmaf(ex2_approx(dt * A2[i]), hcur[i], dtu * Bv[e]);
-              if (e & 1) y1 = fmaf(hcur[i], Cv[e], y1);
-              else y0 = fmaf(hcur[i], Cv[e], y0);
-            }
-          }
-          float const dy = sm.ck.dy[kk][ch];
-          float vC[kNT];
-#pragma unroll
-          for (int i = 0; i < kNT; ++i) vC[i] = dy * hcur[i];
-          float y = y0 + y1;
-          y += __shfl_xor_sync(0xffffffffu, y, 1);
-          y = fmaf(Dd, u, y);
-          if (active) {
-            std::int64_t const row = row0 + tt + kk;
-            if (sub == 0) {
-              if (a.z) a.dz[row * a.ld_dz + d] = from_f<TS>(y * sm.ck.dzf[kk][ch]);
-            } else {
-              if (a.out) a.out[row * a.ld_out + d] = from_f<TS>(y * sm.ck.silu[kk][ch]);
-            }
-          }
-          float const r = bwd_warp_scatter<kNT>(vC, lane);
-          if (bwd_scatter_writer<kNT>(lane)) sm.red[par][warp][k][kN + n0 + bwd_scatter_index<kNT>(lane)] = r;
-        }
-      }
-      // Reverse sweep over the chunk.
-#pragma unroll
-      for (int k = K - 1; k >= 0; --k) {
-        if (k < len) {
-          int const kk = kb + k;
-          float const dt = sm.ck.dt[kk][ch];
-          float const u = sm.ck.u[kk][ch];
-          float const dy = sm.ck.dy[kk][ch];
-          float const dtu = dt * u;
-          float4 const* B4 = reinterpret_cast<float4 const*>(&sm.ck.bc[kk][n0]);
-          float4 const* C4 = reinterpret_cast<float4 const*>(&sm.ck.bc[kk][kN + n0]);
-          float gB0 = 0.f, gB1 = 0.f, gA0 = 0.f, gA1 = 0.f;
-          float vB[kNT];
-#pragma unroll
-          for (int q = 0; q < kNT / 4; ++q) {
-            float4 const Bq = B4[q], Cq = C4[q];
-            float const Bv[4] = {Bq.x, Bq.y, Bq.z, Bq.w};
-            float const Cv[4] = {Cq.x, Cq.y, Cq.z, Cq.w};
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              int const i = 4 * q + e;
-              float const g = fmaf(Cv[e], dy, G[i]);
-              float const at = ex2_approx(dt * A2[i]);
-              if (e & 1) gB1 = fmaf(g, Bv[e], gB1);
-              else gB0 = fmaf(g, Bv[e], gB0);
-              G[i] = at * g;
-              float const gah = G[i] * hp[k][i];  // g_t a_t h_{t-1}
-              if (e & 1) gA1 = fmaf(gah, A2[i], gA1);
-              else gA0 = fmaf(gah, A2[i], gA0);
-              dA[i] = fmaf(gah, dt, dA[i]);
-              vB[i] = g * dtu;
-            }
-          }
-          float gB = gB0 + gB1, gAh = gA0 + gA1;
-          gB += __shfl_xor_sync(0xffffffffu, gB, 1);
-          gAh += __shfl_xor_sync(0xffffffffu, gAh, 1);
-          float const dd = fmaf(u, gB, gAh * kLn2) * sm.ck.dsc[kk][ch];
-          if (active) {
-            std::int64_t const row = row0 + tt + kk;
-            if (sub == 0) a.du[row * a.ld_du + d] = from_f<TS>(fmaf(dt, gB, Dd * dy));
-            else a.ddelta[row * a.ld_ddelta + d] = from_f<TS>(dd);
-          }
-          dD = fmaf(dy, u, dD);
-          dbias += dd;
-          float const r = bwd_warp_scatter<kNT>(vB, lane);
-          if (bwd_scatter_writer<kNT>(lane)) sm.red[par][warp][k][n0 + bwd_scatter_index<kNT>(lane)] = r;
-        }
-      }
-      __syncthreads();
-      // The block's partial rows of dB / dC for this chunk (warps summed in order).
-      float* dst = p.bc + ((static_cast<std::int64_t>(blockIdx.x) * a.batch + b) * L + tt + kb) * (2 * kN);
-      for (int i = tid; i < len * 2 * kN; i += kBwdThreads) {
-        int const k = i / (2 * kN), jj = i - k * (2 * kN);
-        float s = sm.red[par][0][k][jj];
-#pragma unroll
-        for (int w = 1; w < kBwdWarps; ++w) s += sm.red[par][w][k][jj];
-        dst[i] = s;
-      }
-      par ^= 1;  // the next chunk writes the other buffer; this one is rewritten after a barrier
+      if (len == K) chunk(tt, kb, K, std::false_type{});
+      else chunk(tt, kb, len, std::true_type{});
     }
   }
   if (!active) return;
