@@ -30,7 +30,7 @@
  *   3. out_t = (y_t + D u_t) silu(z_t): y goes through shared memory so that the stores (and
  *      the loads of z) are coalesced like the loads of step 1; bf16 rounds once, at the store.
  *  final_state = the carried state after the last chunk. All arithmetic fp32 (bf16 loads
- *  widen), deltas and exponentials exactly as scan::Sequential's (softplus_dev, ex2_approx
+ *  widen), deltas and exponentials exactly as scan::Sequential's (softplus_fast, ex2_approx
  *  with A pre-scaled by log2 e), so the two differ only by the association of the sums.
  *
  *  Complexity per (batch, channel, state), length L, P = kAssocThreads, K = kAssocItems: work
@@ -76,7 +76,7 @@ using scan_detail::ex2_approx;
 using scan_detail::from_f;
 using scan_detail::kMaxState;
 using scan_detail::load_f;
-using scan_detail::softplus_dev;
+using scan_detail::softplus_fast;
 
 inline constexpr int kAssocThreads = 128;                            ///< threads per block
 inline constexpr int kAssocItems = 4;                                ///< consecutive steps per thread
@@ -205,7 +205,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kAssocThreads) scan_associative(MixedSca
       if (t < nt && my_valid) {
         std::int64_t const r = row0 + t0 + t;
         dt = load_f(a.delta + r * a.ld_delta + my_d) + bias;
-        if (a.delta_softplus) dt = softplus_dev(dt);
+        if (a.delta_softplus) dt = softplus_fast(dt);
         u = load_f(a.u + r * a.ld_u + my_d);
       }
       dt_s[my_c * kAssocRow + t] = dt;
