@@ -199,10 +199,10 @@ inline constexpr int kCopyThreads = kThreads - 32;
 /// completed by the commit group the caller closes.
 __device__ __forceinline__ void stage_rows(unsigned char* dst, int sstride, void const* src, std::size_t gstride,
                                            int rows, int row_bytes) {
+  if (threadIdx.x < 32) return;  // warp 0 copies nothing (a start at i < 0 would step onto warp 15's slots)
   int const per = row_bytes / 16;
   auto const* s8 = static_cast<unsigned char const*>(src);
   for (int i = static_cast<int>(threadIdx.x) - 32; i < rows * per; i += kCopyThreads) {
-    if (i < 0) continue;
     int const r = i / per, c = i - r * per;
     decode_detail::cp_async16(dst + static_cast<std::size_t>(r) * sstride + 16 * c,
                               s8 + static_cast<std::size_t>(r) * gstride + 16 * c);
@@ -211,9 +211,16 @@ __device__ __forceinline__ void stage_rows(unsigned char* dst, int sstride, void
 __device__ __forceinline__ void stage(unsigned char* dst, void const* src, int bytes) {
   stage_rows(dst, bytes, src, static_cast<std::size_t>(bytes), 1, bytes);
 }
+/// Waits for all but the two most recent cp.async groups of this thread. Defining
+/// MAMBABYTE_DECODE_PERSISTENT_WAIT_ALL (a diagnostic build, e.g. for compute-sanitizer's
+/// racecheck) waits for all of them instead: the same results, less copy/compute overlap.
 __device__ __forceinline__ void cp_async_wait_2() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(MAMBABYTE_DECODE_PERSISTENT_WAIT_ALL)
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#else
   asm volatile("cp.async.wait_group 2;\n" ::: "memory");
+#endif
 #endif
 }
 
