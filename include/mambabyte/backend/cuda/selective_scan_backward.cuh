@@ -432,6 +432,33 @@ __device__ __forceinline__ bool bwd_scatter_writer(int lane) {
   else return true;
 }
 
+/// Walks the time tiles [t_begin, t_end) of batch b first to last (kReverse: last to first):
+/// each tile is staged by cp.async (the next one issued while this one computes), widened by
+/// bwd_cook<kFull> (mask: what is staged), then body(tt, nt) runs on it (tt: its first step,
+/// nt: its steps).
+template <bool kFull, bool kReverse, int kN, class TS, class Smem, class Body>
+__device__ __forceinline__ void bwd_walk_tiles(BwdParams<TS> const& p, Smem& sm, int b, int t_begin, int t_end,
+                                               float bias, unsigned mask, Body&& body) {
+  constexpr int T = kBwdTile;
+  int const n_tiles = (t_end - t_begin + T - 1) / T;
+  auto issue = [&](int j) {
+    int const tt = t_begin + j * T;
+    bwd_issue<kN>(p, sm.raw, b, tt, min(T, t_end - tt), mask);
+  };
+  issue(kReverse ? n_tiles - 1 : 0);
+  for (int s = 0; s < n_tiles; ++s) {
+    int const j = kReverse ? n_tiles - 1 - s : s;
+    int const tt = t_begin + j * T;
+    int const nt = min(T, t_end - tt);
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    bwd_cook<kFull>(p, sm.raw, sm.ck, nt, bias, mask);
+    __syncthreads();
+    if (s + 1 < n_tiles) issue(kReverse ? j - 1 : j + 1);
+    body(tt, nt);
+  }
+}
+
 namespace kernel {
 
 /// Checkpoints: the state entering chunk c of batch b, channel d, at
@@ -467,7 +494,6 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks 
   std::int64_t const sN = static_cast<std::int64_t>(a.d_inner) * N;
   int const t_begin = sg * p.seg_chunks * kBwdChunk;
   int const t_end = min(a.length, t_begin + p.seg_chunks * kBwdChunk);
-  int const n_tiles = (t_end - t_begin + T - 1) / T;
   int const colc = min(blockIdx.x * kBwdCh + tid % kBwdCh, a.d_inner - 1);  // cook column's channel
   float const cbias = a.delta_bias ? a.delta_bias[colc] : 0.f;
 
@@ -522,18 +548,10 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks 
     }
   };
   constexpr unsigned kFwd = kLdU | kLdDelta | kLdB;
-  bwd_issue<kN>(p, sm.raw, b, t_begin, min(T, t_end - t_begin), kFwd);
-  for (int j = 0; j < n_tiles; ++j) {
-    int const tt = t_begin + j * T;
-    int const nt = min(T, t_end - tt);
-    __pipeline_wait_prior(0);
-    __syncthreads();
-    bwd_cook<false>(p, sm.raw, sm.ck, nt, cbias, kFwd);
-    __syncthreads();
-    if (j + 1 < n_tiles) bwd_issue<kN>(p, sm.raw, b, tt + T, min(T, t_end - tt - T), kFwd);
+  bwd_walk_tiles<false, false, kN>(p, sm, b, t_begin, t_end, cbias, kFwd, [&](int tt, int nt) {
     if (nt == T) fwd_tile(tt, nt, std::false_type{});
     else fwd_tile(tt, nt, std::true_type{});
-  }
+  });
   if (p.n_seg > 1 && active) {
     std::int64_t const slot = (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
     if (sg + 1 < p.n_seg) {
@@ -571,21 +589,10 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks 
 #pragma unroll
   for (int i = 0; i < kNT; ++i) h[i] = 0.f;
   __syncthreads();  // the forward's last cook is done with sm.raw on every thread
-  {
-    int const tl = t_begin + (n_tiles - 1) * T;
-    bwd_issue<kN>(p, sm.raw, b, tl, t_end - tl, kAdj);
-  }
-  for (int j = n_tiles - 1; j >= 0; --j) {
-    int const tt = t_begin + j * T;
-    int const nt = min(T, t_end - tt);
-    __pipeline_wait_prior(0);
-    __syncthreads();
-    bwd_cook<false>(p, sm.raw, sm.ck, nt, cbias, kAdj);
-    __syncthreads();
-    if (j > 0) bwd_issue<kN>(p, sm.raw, b, tt - T, T, kAdj);
+  bwd_walk_tiles<false, true, kN>(p, sm, b, t_begin, t_end, cbias, kAdj, [&](int, int nt) {
     if (nt == T) adj_tile(nt, std::false_type{});
     else adj_tile(nt, std::true_type{});
-  }
+  });
   if (active) {
     std::int64_t const slot = (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
 #pragma unroll
@@ -626,7 +633,6 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
   std::int64_t const row0 = static_cast<std::int64_t>(b) * L;
   int const t_begin = sg * p.seg_chunks * K;
   int const t_end = min(L, t_begin + p.seg_chunks * K);
-  int const n_tiles = (t_end - t_begin + T - 1) / T;
   int const c_first = t_begin / K;
   int const colc = min(blockIdx.x * kBwdCh + tid % kBwdCh, a.d_inner - 1);
   float const cbias = a.delta_bias ? a.delta_bias[colc] : 0.f;
@@ -792,18 +798,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
   };
 
   constexpr unsigned kAll = kLdU | kLdDelta | kLdDout | kLdZ | kLdB | kLdC;
-  {
-    int const tl = t_begin + (n_tiles - 1) * T;
-    bwd_issue<kN>(p, sm.raw, b, tl, t_end - tl, kAll);
-  }
-  for (int j = n_tiles - 1; j >= 0; --j) {
-    int const tt = t_begin + j * T;
-    int const nt = min(T, t_end - tt);
-    __pipeline_wait_prior(0);
-    __syncthreads();
-    bwd_cook<true>(p, sm.raw, sm.ck, nt, cbias, kAll);
-    __syncthreads();
-    if (j > 0) bwd_issue<kN>(p, sm.raw, b, tt - T, T, kAll);
+  bwd_walk_tiles<true, true, kN>(p, sm, b, t_begin, t_end, cbias, kAll, [&](int tt, int nt) {
 #pragma unroll 1
     for (int hh = T / K - 1; hh >= 0; --hh) {
       int const kb = hh * K;
@@ -812,7 +807,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
       if (len == K) chunk(tt, kb, K, std::false_type{});
       else chunk(tt, kb, len, std::true_type{});
     }
-  }
+  });
   if (!active) return;
   if (a.dinitial_state && sg == 0) {
 #pragma unroll
