@@ -142,7 +142,7 @@ void BM_Prefill(benchmark::State& state) {
       benchmark::Counter(double(batch) * L * state.iterations(), benchmark::Counter::kIsRate);
 }
 
-template <class S, bool kNoPdl = false, bool kUnfused = false, bool kNoPersistent = false, int kProfile = 0>
+template <class S, bool kNoPdl = false, bool kUnfused = false, bool kNoPersistent = false>
 void BM_Decode(benchmark::State& state) {
   int const batch = static_cast<int>(state.range(0));
   auto const be = make_be();
@@ -153,7 +153,6 @@ void BM_Decode(benchmark::State& state) {
   if (kNoPdl) unsetenv("MAMBABYTE_NO_PDL");
   if (kUnfused) m.set_fused_decode(false);
   if (kNoPersistent || kNoPdl) m.set_persistent_decode(false);
-  m.set_decode_profile(kProfile);
   mcu::DeviceState st(c, batch, be);
   auto const tokens = random_bytes(static_cast<std::size_t>(batch), 11);
   for (int i = 0; i < 3; ++i) (void)m.step(w, tokens, st);  // capture + warm-up
@@ -188,8 +187,6 @@ void register_all() {
   // decode.cuh's fused kernels (3 per layer, PDL) where the persistent step is the default
   for (int b : {1, 4})
     benchmark::RegisterBenchmark("DecodeFusedPDL/bf16", BM_Decode<mcu::bf16, false, false, true>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
-  // anatomy of the persistent step: without the grid-barrier waits (wrong results, timing only)
-  benchmark::RegisterBenchmark("DecodeAnatomy/bf16/no_wait", BM_Decode<mcu::bf16, false, false, false, 1>)->Arg(1)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
   // the fused decode step without programmatic dependent launch (plain kernel boundaries)
   benchmark::RegisterBenchmark("DecodeNoPDL/bf16", BM_Decode<mcu::bf16, true>)->Arg(1)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
   // the layer-by-layer step (cuBLAS GEMMs + state update) where the fused one is the default

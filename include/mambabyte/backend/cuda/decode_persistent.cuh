@@ -1,41 +1,52 @@
 /*! \file
  *  \brief The persistent decode step: one kernel runs a whole single-token step of a bf16 Mamba
- *         LM (every layer and the head), its blocks resident on all SMs and synchronised by a
- *         grid barrier, three barriers per layer. It replaces decode.cuh's chain of 3 kernels per
- *         layer (each paying a launch and a drain) where it applies: bf16, batch <= 4.
+ *         LM (every layer and the head), its blocks resident on all SMs. The blocks exchange
+ *         activations through flagged words in global memory: no grid barrier. It replaces
+ *         decode.cuh's chain of 3 kernels per layer where it applies: bf16, batch <= 4.
  *
  *  Work split (G blocks, one per SM; block g):
  *   - channels c0 = g * cpb .. c0 + cpb (cpb = ceil(d_inner / G) rounded up to 8) for the phases
- *     A and B, whose data never leaves the block except through the two reductions below;
+ *     A and B, whose data never leaves the block except through the exchanges below;
  *   - out_proj rows m0 = g * rpb .. (rpb = ceil(d_model / G) rounded up to 8) for phase C;
+ *   - the (batch row, x_proj column) pairs g, g + G, ... of the x_proj reduction;
  *   - head rows g * hpb .. for the final phase.
  *  Per layer l:
- *   A  norm(r) for every batch row (each block recomputes it: d_model wide), in_proj rows of its
- *      channels (x and z) on the tensor cores, the causal conv step + SiLU -> u, z kept in shared
- *      memory, and the x_proj partial sums over its channels -> xpart[b][g][:].      (barrier)
- *   B  xdbl = round_S(sum of the partials in block order), then per channel dt_proj, softplus,
- *      the state update, D skip and SiLU(z) gate -> y[b][channel] (global).         (barrier)
- *   C  out_proj rows of the block over the whole y, residual r[b][m] += round_S(. + bias).
- *                                                                                  (barrier)
+ *   A  the residual rows of every batch row (exchange R of layer l-1), norm (each block recomputes
+ *      it: d_model wide), in_proj rows of its channels (x and z) on the tensor cores, the causal
+ *      conv step + SiLU -> u, z kept in shared memory, the x_proj partial sums over its channels
+ *      (exchange P); then the block sums its x_proj columns over the channel blocks (exchange X).
+ *   B  xdbl = round_S(X), then per channel dt_proj, softplus, the state update, D skip and
+ *      SiLU(z) gate -> y (exchange Y).
+ *   C  y of all channels (exchange Y), out_proj rows of the block, residual r[b][m] +=
+ *      round_S(. + bias) (the block keeps its rows in shared memory) -> exchange R.
  *  Head: norm_f(r) times the block's rows of lm_head -> fp32 logits.
+ *
+ *  Exchanges (P, X, Y, R; NCCL's "LL" idea): every value travels in a 64-bit word whose high
+ *  half is a flag, epoch * 1024 + 4 l + e + 1, written by one relaxed 64-bit store; readers poll
+ *  the words with relaxed 64-bit loads until the flag matches. A value is thus read one L2 round
+ *  trip after it was written, with no fence, counter or barrier round trips in between. Buffers
+ *  are double-buffered by layer parity: a writer can be at most one layer ahead of a reader of
+ *  the same buffer (each exchange needs the previous one's values from every block that takes
+ *  part in it). The epoch (one per launch) lives in device memory: every block reads it at the
+ *  start; the last block to finish increments it. The words of a step are all rewritten every
+ *  step, so an old word never carries a current flag. A poll that waits longer than
+ *  kPollTimeoutNs traps (a block that is not resident must not hang the GPU).
  *
  *  Weight streaming: each block copies (cp.async, 16 bytes per thread and instruction) the
  *  slices of the next layer's weights, its per-channel fp32 parameters and its slice of the
  *  recurrent state into shared memory as soon as the current layer's phase has consumed the
  *  previous copy, i.e. a phase ahead; three commit groups per layer (A, B, C) and
- *  cp.async.wait_group 2 at the start of each phase. The barriers' latency thus overlaps the
- *  HBM traffic; what remains on the critical path are the L2 round trips of r, xpart and y.
+ *  cp.async.wait_group 2 at the start of each phase. The layers' parameter pointers are copied
+ *  into shared memory once (parameter-space loads with a runtime layer index are slow).
  *
  *  Numerics: the rounding points of decode.cuh and the layer-by-layer path are kept (normed
  *  input, xz, u, xdbl, y and the out_proj output rounded to bf16; fp32 state, residual and
  *  accumulators); only fp32 summation orders differ. Every sum has a fixed order: results are
  *  bitwise reproducible run to run.
  *
- *  Grid barrier: a counter zeroed before the launch; each block's thread 0 adds 1 with release
- *  semantics after a block barrier and spins (acquire loads) until the counter reaches k * G
- *  for the k-th barrier. The kernel is launched with the cooperative attribute so that the
- *  driver guarantees co-residency (or refuses the launch); a barrier that waits longer than
- *  kBarrierTimeoutNs traps instead of hanging.
+ *  The grid is launched with the cooperative attribute (co-residency guaranteed or the launch
+ *  fails); without it (graph capture that refuses it) the grid of at most one block per SM is
+ *  co-resident on an otherwise idle GPU.
  */
 #pragma once
 
@@ -60,10 +71,12 @@ namespace persistent_detail {
 
 inline constexpr int kThreads = 512;
 inline constexpr int kWarps = kThreads / 32;
-inline constexpr int kMaxBatch = 4;       ///< batch rows of the persistent step (xpart traffic grows with it)
+inline constexpr int kMaxBatch = 4;       ///< batch rows of the persistent step (exchange traffic grows with it)
 inline constexpr int kMaxLayers = 128;    ///< layers whose parameter pointers fit in the kernel parameters
 inline constexpr int kNormVec = 8;        ///< float4 per thread of a norm row
-inline constexpr unsigned long long kBarrierTimeoutNs = 60ull * 1000 * 1000 * 1000;  // sanitizers are slow
+inline constexpr unsigned kFlagsPerEpoch = 1024;  ///< > 4 * kMaxLayers: the flags of one launch are distinct
+inline constexpr int kReduceGroup = 128;          ///< threads that sum one x_proj column (exchange X)
+inline constexpr unsigned long long kPollTimeoutNs = 60ull * 1000 * 1000 * 1000;  // sanitizers are slow
 
 using bf16_t = __nv_bfloat16;
 
@@ -91,6 +104,7 @@ __host__ __device__ constexpr int ceil_div(int x, int m) { return (x + m - 1) / 
 
 /// Work split and shared-memory layout (byte offsets), computed identically on both sides.
 struct Layout {
+  int nl = 0;  ///< layers (their LayerPtrs are copied into shared memory)
   int G = 0, B = 0, dm = 0, di = 0, N = 0, R = 0, X = 0, dc = 0, classes = 0;
   int cpb = 0, nxb = 0;  ///< channels per block (multiple of 8), blocks owning channels
   int rpb = 0, ncb = 0;  ///< out_proj rows per block (multiple of 8), blocks owning rows
@@ -104,7 +118,12 @@ struct Layout {
   std::size_t oWH = 0, oFW = 0, oFB = 0;                                               // head
   std::size_t oXN = 0, oY = 0, oRed = 0, oOut = 0, oU = 0, oZ = 0, oXD = 0, oStat = 0;
   std::size_t oRO = 0;   ///< the block's out_proj rows of the residual (B x rpb fp32), kept across layers
+  std::size_t oRS = 0;   ///< the whole residual (B x dm fp32), from exchange R
+  std::size_t oLP = 0;  ///< the LayerPtrs of every layer (parameter-space loads with a runtime index are slow)
   std::size_t bytes = 0;
+  /// Exchange words (64-bit: value | flag << 32) in global memory, 2 parities each: P (B x nxb x
+  /// X fp32 partials), X (B x X fp32 sums), Y (B x di / 2 bf16 pairs), R (B x dm fp32).
+  std::size_t wP = 0, wX = 0, wY = 0, wR = 0, words = 0;
 
   __host__ __device__ static int row_stride(int K) { return round_up(2 * K, 128) + 64; }  // 64 mod 128
 
@@ -115,8 +134,8 @@ struct Layout {
     return ks > K / 32 ? K / 32 : ks;
   }
 
-  __host__ __device__ Layout(int G_, int B_, int dm_, int di_, int N_, int R_, int dc_, int classes_)
-      : G(G_), B(B_), dm(dm_), di(di_), N(N_), R(R_), X(R_ + 2 * N_), dc(dc_), classes(classes_) {
+  __host__ __device__ Layout(int G_, int B_, int dm_, int di_, int N_, int R_, int dc_, int classes_, int nl_ = 0)
+      : nl(nl_), G(G_), B(B_), dm(dm_), di(di_), N(N_), R(R_), X(R_ + 2 * N_), dc(dc_), classes(classes_) {
     cpb = round_up(ceil_div(di, G), 8);
     nxb = ceil_div(di, cpb);
     rpb = round_up(ceil_div(dm, G), 8);
@@ -166,7 +185,14 @@ struct Layout {
     oXD = take(static_cast<std::size_t>(B) * X * 4);
     oStat = take(2 * kWarps * 4);
     oRO = take(static_cast<std::size_t>(B) * rpb * 4);
+    oLP = take(static_cast<std::size_t>(nl) * sizeof(LayerPtrs));
+    oRS = take(static_cast<std::size_t>(B) * dm * 4);
     bytes = o;
+    wP = 0;
+    wX = wP + static_cast<std::size_t>(2) * B * nxb * X;
+    wY = wX + static_cast<std::size_t>(2) * B * X;
+    wR = wY + static_cast<std::size_t>(2) * B * (di / 2);
+    words = wR + static_cast<std::size_t>(2) * B * dm;
   }
 };
 
@@ -179,12 +205,10 @@ struct Params {
   float const* norm_f_w = nullptr;
   float const* norm_f_b = nullptr;
   bf16_t const* head = nullptr;          ///< (>= classes, d_model)
-  float* resid = nullptr;                ///< (B, d_model)
-  bf16_t* y = nullptr;                   ///< (B, d_inner)
-  float* xpart = nullptr;                ///< (B, nxb, X)
+  float* resid = nullptr;                ///< (B, d_model): the last layer's residual
   float* logits = nullptr;               ///< (B, classes)
-  unsigned* barrier = nullptr;           ///< zeroed before the launch
-  int profile = 0;  ///< benchmarks only (wrong results): 1 = no barrier waits
+  unsigned long long* words = nullptr;   ///< Layout::words exchange words (zeroed when allocated)
+  unsigned* sync = nullptr;              ///< [0] epoch, [1] blocks finished (zeroed when allocated)
   LayerPtrs layers[kMaxLayers];
 };
 
@@ -230,29 +254,71 @@ __device__ __forceinline__ unsigned long long globaltimer() {
   return t;
 }
 
-/// Arrival at a grid barrier: after a block barrier (the block's writes happen before), thread 0
-/// adds 1 to the counter with release semantics.
-__device__ __forceinline__ void grid_arrive(unsigned* counter) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(counter), "r"(1u) : "memory");
+#if defined(MAMBABYTE_DECODE_PERSISTENT_STAMPS)
+/// Diagnostic builds only (bench/cuda/decode_anatomy.cu): thread 0 of every block writes
+/// %globaltimer at kStampSlots points of every layer to stamps[(l * G + g) * kStampSlots + k].
+inline constexpr int kStampSlots = 16;
+__device__ unsigned long long* g_decode_stamps = nullptr;
+#define MAMBABYTE_PSTAMP(l, k)                                                                        \
+  do {                                                                                              \
+    if (threadIdx.x == 0 && g_decode_stamps)                                                        \
+      g_decode_stamps[((static_cast<std::size_t>(l) * gridDim.x + blockIdx.x) * kStampSlots) + (k)] = \
+          globaltimer();                                                                            \
+  } while (0)
+#else
+#define MAMBABYTE_PSTAMP(l, k) \
+  do {                         \
+  } while (0)
+#endif
+
+/// Exchange words: value | flag << 32, written by one relaxed 64-bit store (single-copy atomic),
+/// read by relaxed 64-bit loads (coherent at GPU scope: served by L2, never a stale L1 line).
+__device__ __forceinline__ void ll_store(unsigned long long* a, unsigned value, unsigned flag) {
+  unsigned long long const w = static_cast<unsigned long long>(value) | (static_cast<unsigned long long>(flag) << 32);
+  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(a), "l"(w) : "memory");
+}
+__device__ __forceinline__ unsigned long long ll_load(unsigned long long const* a) {
+  unsigned long long w;
+  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(w) : "l"(a) : "memory");
+  return w;
+}
+/// Polls word a until its flag is `flag` (the slow path of ll_wait, out of line: small code).
+__device__ __noinline__ unsigned ll_poll(unsigned long long const* a, unsigned flag) {
+  unsigned long long const t0 = globaltimer();
+  for (unsigned spin = 1;; ++spin) {
+    unsigned long long const w = ll_load(a);
+    if (static_cast<unsigned>(w >> 32) == flag) return static_cast<unsigned>(w);
+    if ((spin & 255u) == 0 && globaltimer() - t0 > kPollTimeoutNs) __trap();  // a block is not resident
   }
 }
-
-/// Completion of the k-th grid barrier (target = k * gridDim.x): thread 0 spins with acquire loads,
-/// then a block barrier. Copies issued between arrive and wait overlap the wait.
-__device__ __forceinline__ void grid_wait(unsigned* counter, unsigned target) {
-  if (threadIdx.x == 0) {
-    unsigned v = 0;
-    unsigned long long const t0 = globaltimer();
-    for (;;) {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
-      if (v >= target) break;
-      if (globaltimer() - t0 > kBarrierTimeoutNs) __trap();  // a block is not resident: fail, do not hang
+/// The value of word a (loaded as w) once its flag is `flag`.
+__device__ __forceinline__ unsigned ll_wait(unsigned long long const* a, unsigned long long w, unsigned flag) {
+  return static_cast<unsigned>(w >> 32) == flag ? static_cast<unsigned>(w) : ll_poll(a, flag);
+}
+/// sink(i, value) for the words src[0 .. n) once their flags are `flag`; the threads take kLL words
+/// each per round, all loads of a round in flight together; between() runs once, after the first
+/// round's loads are issued and before their values are waited for (work that hides the round
+/// trip). All threads must call it (uniform).
+template <int kLL, class Between, class Sink>
+__device__ __forceinline__ void ll_fetch(unsigned long long const* src, int n, unsigned flag, Between&& between,
+                                         Sink&& sink) {
+  int const tid = static_cast<int>(threadIdx.x);
+  bool first = true;
+  for (int i0 = 0; i0 < n; i0 += kThreads * kLL) {
+    unsigned long long w[kLL];
+#pragma unroll
+    for (int u = 0; u < kLL; ++u) {
+      int const i = i0 + u * kThreads + tid;
+      w[u] = i < n ? ll_load(src + i) : 0ull;
+    }
+    if (first) between();
+    first = false;
+#pragma unroll
+    for (int u = 0; u < kLL; ++u) {
+      int const i = i0 + u * kThreads + tid;
+      if (i < n) sink(i, ll_wait(src + i, w[u], flag));
     }
   }
-  __syncthreads();
 }
 
 /// out[row * 8 + n] = sum_k W[row, k] X[n, k] for row < rows_pad (a multiple of 16), n < 8: rows
@@ -299,8 +365,8 @@ __device__ __forceinline__ void gemv_mma(unsigned char const* W, int ws, int row
   __syncthreads();
 }
 
-/// norm(src rows b < B) -> XN (bf16 rows, stride sA); src = table[tokens[b]] or resid[b] (read
-/// through L2: other blocks wrote it). Threads split into row teams of kThreads / Bp (Bp: B
+/// norm(src rows b < B) -> XN (bf16 rows, stride sA); src = table[tokens[b]] or the residual rows
+/// in shared memory (RS, from exchange R). Threads split into row teams of kThreads / Bp (Bp: B
 /// rounded up to a power of two); a thread holds <= kNormVec float4 of its row. Block barriers
 /// inside; all threads must call it.
 __device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, bool from_table, float const* w,
@@ -317,14 +383,15 @@ __device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, boo
   float sum = 0.f;
   float const* src = nullptr;
   if (active)
-    src = from_table ? p.table + static_cast<std::size_t>(p.tokens[b]) * dm : p.resid + static_cast<std::size_t>(b) * dm;
+    src = from_table ? p.table + static_cast<std::size_t>(p.tokens[b]) * dm
+                     : reinterpret_cast<float const*>(smem + lo.oRS) + static_cast<std::size_t>(b) * dm;
 #pragma unroll
   for (int i = 0; i < kNormVec; ++i) {
     int const k4 = j + i * tpr;
     v[i] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (active && k4 < q4) {
       float4 const* s4 = reinterpret_cast<float4 const*>(src) + k4;
-      v[i] = from_table ? __ldg(s4) : __ldcg(s4);
+      v[i] = from_table ? __ldg(s4) : *s4;
       sum += (v[i].x + v[i].y) + (v[i].z + v[i].w);
     }
   }
@@ -393,16 +460,30 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
   for (int i = tid * 16; i < static_cast<int>(lo.bytes); i += kThreads * 16)
     *reinterpret_cast<uint4*>(smem + i) = make_uint4(0u, 0u, 0u, 0u);
   __syncthreads();
+  LayerPtrs* const lp = reinterpret_cast<LayerPtrs*>(smem + lo.oLP);
+  {
+    auto const* src = reinterpret_cast<unsigned long long const*>(p.layers);
+    auto* dst = reinterpret_cast<unsigned long long*>(lp);
+    int const n = p.n_layer * static_cast<int>(sizeof(LayerPtrs) / 8);
+    for (int i = tid; i < n; i += kThreads) dst[i] = src[i];
+  }
+  unsigned const epoch = *reinterpret_cast<unsigned const volatile*>(p.sync);
+  __syncthreads();
+  // exchange e (0 P, 1 X, 2 Y, 3 R) of layer l: flag and the words of its parity
+  auto flag = [&](int l, int e) { return epoch * kFlagsPerEpoch + static_cast<unsigned>(4 * l + e + 1); };
+  auto wp = [&](int l) { return p.words + lo.wP + static_cast<std::size_t>(l & 1) * B * lo.nxb * X; };
+  auto wx = [&](int l) { return p.words + lo.wX + static_cast<std::size_t>(l & 1) * B * X; };
+  auto wy = [&](int l) { return p.words + lo.wY + static_cast<std::size_t>(l & 1) * B * (di / 2); };
+  auto wr = [&](int l) { return p.words + lo.wR + static_cast<std::size_t>(l & 1) * B * dm; };
 
   auto f32 = [&](std::size_t off) { return reinterpret_cast<float*>(smem + off); };
-  bool const waits = !(p.profile & 1);
 
   // ---- weight streaming: each block copies its slices of a layer into shared memory (cp.async)
   // a phase ahead, in three commit groups per layer (A, B, C) + the head's with A(0); a phase
   // starts with cp.async.wait_group 2 (the two later groups may still be in flight)
   auto issue_a = [&](int l) {
     if (l < p.n_layer && cv > 0) {
-      LayerPtrs const& L = p.layers[l];
+      LayerPtrs const& L = lp[l];
       stage_rows(smem + lo.oWA, lo.sA, L.in_w + static_cast<std::size_t>(c0) * dm, std::size_t(dm) * 2, cv, dm * 2);
       stage_rows(smem + lo.oWA + static_cast<std::size_t>(lo.cpb) * lo.sA, lo.sA,
                  L.in_w + static_cast<std::size_t>(di + c0) * dm, std::size_t(dm) * 2, cv, dm * 2);
@@ -421,7 +502,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
   };
   auto issue_b = [&](int l) {
     if (l < p.n_layer && cv > 0) {
-      LayerPtrs const& L = p.layers[l];
+      LayerPtrs const& L = lp[l];
       stage(smem + lo.oWD, L.dt_w + static_cast<std::size_t>(c0) * R, cv * R * 2);
       if (L.dt_b) stage(smem + lo.oDB, L.dt_b + c0, cv * 4);
       stage(smem + lo.oAL, L.A_log + static_cast<std::size_t>(c0) * N, cv * N * 4);
@@ -433,19 +514,16 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
   };
   auto issue_c = [&](int l) {
     if (l < p.n_layer && rv > 0) {
-      LayerPtrs const& L = p.layers[l];
+      LayerPtrs const& L = lp[l];
       stage_rows(smem + lo.oWC, lo.sC, L.out_w + static_cast<std::size_t>(m0) * di, std::size_t(di) * 2, rv, di * 2);
       if (L.out_b) stage(smem + lo.oOB, L.out_b + m0, rv * 4);
     }
     decode_detail::cp_async_commit();
   };
-
-  unsigned nbar = 0;
-  auto barrier_then = [&](auto const& issue) {  // arrive, issue the next copies, wait
-    grid_arrive(p.barrier);
-    issue();
-    if (waits) grid_wait(p.barrier, ++nbar * static_cast<unsigned>(G));
-    else __syncthreads();
+  // the residual of layer l (exchange R) -> RS rows in shared memory; between(): see ll_fetch
+  auto fetch_resid = [&](int l, auto&& between) {
+    float* rs = f32(lo.oRS);
+    ll_fetch<4>(wr(l), B * dm, flag(l, 3), between, [&](int i, unsigned v) { rs[i] = __uint_as_float(v); });
   };
 
   float* out = f32(lo.oOut);
@@ -458,17 +536,26 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
     stage(smem + lo.oFW, p.norm_f_w, dm * 4);
     if (p.norm_f_b) stage(smem + lo.oFB, p.norm_f_b, dm * 4);
   }
+  // commit groups: A(l) is issued while phase B(l-1) waits for exchange X, B(l) while C(l-1)
+  // waits for Y, C(l) while A(l) waits for R (every issue overwrites shared memory its phase of
+  // the previous layer consumed); a phase waits for its group with two later groups in flight
   issue_a(0);
   issue_b(0);
-  issue_c(0);
   for (int l = 0; l < p.n_layer; ++l) {
-    LayerPtrs const& L = p.layers[l];
-    // ---- A: norm, in_proj, conv, x_proj partials
+    LayerPtrs const& L = lp[l];
+    // ---- A: residual, norm, in_proj, conv, x_proj partials
+    MAMBABYTE_PSTAMP(l, 0);
+    if (cv > 0 && l > 0) fetch_resid(l - 1, [&] { issue_c(l); });
+    else issue_c(l);
+    MAMBABYTE_PSTAMP(l, 1);
     cp_async_wait_2();
     __syncthreads();
+    MAMBABYTE_PSTAMP(l, 2);
     if (cv > 0) {
       norm_rows(p, lo, l == 0, f32(lo.oNW), f32(lo.oNB), L.norm_b != nullptr, smem);
+      MAMBABYTE_PSTAMP(l, 3);
       gemv_mma(smem + lo.oWA, lo.sA, 2 * lo.cpb, rpadA, smem + lo.oXN, lo.sA, B, dm, lo.ksA, red, out);
+      MAMBABYTE_PSTAMP(l, 4);
       float const* cw = f32(lo.oCW);
       float const* cb = f32(lo.oCB);
       float const* ib = f32(lo.oIB);
@@ -497,79 +584,76 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
         Z[b * lo.cpb + i] = zz;
       }
       __syncthreads();
-      bf16_t const* wx = reinterpret_cast<bf16_t const*>(smem + lo.oWX);
+      MAMBABYTE_PSTAMP(l, 5);
+      bf16_t const* wxp = reinterpret_cast<bf16_t const*>(smem + lo.oWX);
       for (int it = tid; it < X * B; it += kThreads) {
         int const b = it / X, j = it - b * X;
         float s4[4] = {0.f, 0.f, 0.f, 0.f};  // cv is a multiple of 8
         for (int i = 0; i < cv; i += 4) {
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            s4[e] = fmaf(__bfloat162float(wx[j * lo.cpb + i + e]), U[b * lo.cpb + i + e], s4[e]);
+            s4[e] = fmaf(__bfloat162float(wxp[j * lo.cpb + i + e]), U[b * lo.cpb + i + e], s4[e]);
         }
-        p.xpart[(static_cast<std::size_t>(b) * lo.nxb + g) * X + j] = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+        ll_store(wp(l) + (static_cast<std::size_t>(b) * lo.nxb + g) * X + j,
+                 __float_as_uint((s4[0] + s4[1]) + (s4[2] + s4[3])), flag(l, 0));
       }
     }
-    barrier_then([&] { issue_a(l + 1); });
+    MAMBABYTE_PSTAMP(l, 6);
+    __syncthreads();
+    // exchange X: the block's (b, j) columns c = g, g + G, ... summed over the channel blocks;
+    // kReduceGroup threads per column, up to kThreads / kReduceGroup columns at a time; a thread
+    // sums the blocks q, q + kReduceGroup, ... in order, then the warp butterfly and the group's
+    // warps in order (a fixed order)
+    {
+      int const cols = B * X, mine = ceil_div(cols, G);
+      int const gi = tid / kReduceGroup, li = tid - gi * kReduceGroup, warp = tid >> 5;
+      float* stat = f32(lo.oStat);
+      unsigned const fp = flag(l, 0), fx = flag(l, 1);
+      for (int k0 = 0; k0 < mine; k0 += kThreads / kReduceGroup) {  // uniform trip count
+        int const k = k0 + gi, c = g + k * G;
+        bool const act = k < mine && c < cols;
+        float sv = 0.f;
+        if (act) {
+          int const b = c / X, j = c - b * X;
+          unsigned long long const* base = wp(l) + static_cast<std::size_t>(b) * lo.nxb * X + j;
+          for (int q0 = li; q0 < lo.nxb; q0 += 2 * kReduceGroup) {
+            int const q1 = q0 + kReduceGroup;
+            unsigned long long const w0 = ll_load(base + static_cast<std::size_t>(q0) * X);
+            unsigned long long const w1 = q1 < lo.nxb ? ll_load(base + static_cast<std::size_t>(q1) * X) : 0ull;
+            sv += __uint_as_float(ll_wait(base + static_cast<std::size_t>(q0) * X, w0, fp));
+            if (q1 < lo.nxb) sv += __uint_as_float(ll_wait(base + static_cast<std::size_t>(q1) * X, w1, fp));
+          }
+        }
+        sv = decode_detail::warp_sum(sv);
+        if ((tid & 31) == 0) stat[warp] = sv;
+        __syncthreads();
+        if (act && li == 0) {
+          float t = 0.f;
+          for (int w = 0; w < kReduceGroup / 32; ++w) t += stat[warp + w];
+          ll_store(wx(l) + c, __float_as_uint(t), fx);
+        }
+        __syncthreads();
+      }
+    }
+    MAMBABYTE_PSTAMP(l, 7);
 
     // ---- B: xdbl, dt, state update, y
+    // xdbl[b][j] = round(exchange X); A(l + 1) is issued meanwhile (A's shared memory is consumed)
+    if (cv > 0)
+      ll_fetch<1>(wx(l), B * X, flag(l, 1), [&] { issue_a(l + 1); },
+                  [&](int i, unsigned v) { XD[i] = round_s<bf16_t>(__uint_as_float(v)); });
+    else issue_a(l + 1);
     cp_async_wait_2();
     __syncthreads();
+    MAMBABYTE_PSTAMP(l, 8);
     if (cv > 0) {
-      // xdbl[b][j] = round(sum over the channel blocks of their partials): lanes q = 0..Q-1 of a
-      // column (Q a power of two <= 32, q fastest in the warp) sum the blocks q, q+Q, ... in
-      // order (loads batched 8 at a time), then an xor butterfly over q: a fixed order.
-      bool const v4 = (X & 3) == 0;
-      int const W4 = v4 ? 4 : 1;
-      int const cols = B * X / W4;  // (b, j-group) columns
-      int Q = 1;
-      while (Q < 32 && cols * Q * 2 <= kThreads) Q *= 2;
-      for (int it0 = 0; it0 < cols * Q; it0 += kThreads) {  // uniform trip count: shuffles below
-        int const it = it0 + tid;
-        int const q = it & (Q - 1), col = it / Q;
-        bool const act = col < cols;
-        int const b = act ? col / (X / W4) : 0, jq = act ? col - b * (X / W4) : 0;
-        float const* base = p.xpart + static_cast<std::size_t>(b) * lo.nxb * X;
-        float4 sv = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (act) {
-          for (int pp0 = q; pp0 < lo.nxb; pp0 += 8 * Q) {
-            float4 v[8];
-#pragma unroll
-            for (int u = 0; u < 8; ++u) {
-              int const pp = pp0 + u * Q;
-              v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-              if (pp < lo.nxb) {
-                if (v4) v[u] = __ldcg(reinterpret_cast<float4 const*>(base + static_cast<std::size_t>(pp) * X) + jq);
-                else v[u].x = __ldcg(base + static_cast<std::size_t>(pp) * X + jq);
-              }
-            }
-#pragma unroll
-            for (int u = 0; u < 8; ++u) {
-              sv.x += v[u].x; sv.y += v[u].y; sv.z += v[u].z; sv.w += v[u].w;
-            }
-          }
-        }
-        for (int o = Q / 2; o > 0; o >>= 1) {
-          sv.x += __shfl_xor_sync(0xffffffffu, sv.x, o);
-          sv.y += __shfl_xor_sync(0xffffffffu, sv.y, o);
-          sv.z += __shfl_xor_sync(0xffffffffu, sv.z, o);
-          sv.w += __shfl_xor_sync(0xffffffffu, sv.w, o);
-        }
-        if (act && q == 0) {
-          float* xo = XD + b * X + jq * W4;
-          xo[0] = round_s<bf16_t>(sv.x);
-          if (v4) {
-            xo[1] = round_s<bf16_t>(sv.y);
-            xo[2] = round_s<bf16_t>(sv.z);
-            xo[3] = round_s<bf16_t>(sv.w);
-          }
-        }
-      }
-      __syncthreads();
+      MAMBABYTE_PSTAMP(l, 9);
       bf16_t const* wd = reinterpret_cast<bf16_t const*>(smem + lo.oWD);
       float const* db = f32(lo.oDB);
       float const* al = f32(lo.oAL);
       float const* dd = f32(lo.oDD);
       float const* ss = f32(lo.oSS);
+      bf16_t* ys = reinterpret_cast<bf16_t*>(smem + lo.oY);  // y of the block's channels, (B, cpb)
       // lpi lanes per (channel, batch row) item (a power of two <= 32, as many as the block has
       // threads for): each sums a strided share of the dt_proj row and of the states, then xor
       // butterflies over the lanes (fixed order).
@@ -602,24 +686,42 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
         for (int o = 1; o < lpi; o <<= 1) y += __shfl_xor_sync(0xffffffffu, y, o);
         y = fmaf(Dd, u, y);
         y = __fdividef(y * zz, 1.f + __expf(-zz));
-        if (act && sub == 0) p.y[static_cast<std::size_t>(b) * di + c0 + i] = __float2bfloat16_rn(y);
-      }
-    }
-    barrier_then([&] { issue_b(l + 1); });
-
-    // ---- C: out_proj rows + residual
-    cp_async_wait_2();
-    __syncthreads();
-    if (rv > 0) {
-      int const q16 = di / 8;  // 16-byte chunks of a y row
-      for (int i = tid; i < B * q16; i += kThreads) {
-        int const b = i / q16, c = i - b * q16;
-        *reinterpret_cast<uint4*>(smem + lo.oY + static_cast<std::size_t>(b) * lo.sC + 16 * c) =
-            __ldcg(reinterpret_cast<uint4 const*>(p.y + static_cast<std::size_t>(b) * di) + c);
+        if (act && sub == 0) ys[b * lo.cpb + i] = __float2bfloat16_rn(y);
       }
       __syncthreads();
+      // exchange Y: bf16 pairs of channels (cv is even)
+      unsigned const fy = flag(l, 2);
+      int const pairs = cv / 2;
+      for (int it = tid; it < B * pairs; it += kThreads) {
+        int const b = it / pairs, k = it - b * pairs;
+        unsigned const v = *reinterpret_cast<unsigned const*>(ys + b * lo.cpb + 2 * k);
+        ll_store(wy(l) + static_cast<std::size_t>(b) * (di / 2) + c0 / 2 + k, v, fy);
+      }
+    }
+    MAMBABYTE_PSTAMP(l, 10);
+    __syncthreads();  // B's shared memory (and the y staging) is consumed
+
+    // ---- C: out_proj rows + residual; y of all channels (exchange Y), B(l + 1) issued meanwhile
+    if (rv > 0) {
+      int const h2 = di / 2;  // bf16 pairs of a y row
+      unsigned char* yrows = smem + lo.oY;
+      ll_fetch<4>(wy(l), B * h2, flag(l, 2), [&] { issue_b(l + 1); }, [&](int i, unsigned v) {
+        int const b = i / h2, k = i - b * h2;
+        *reinterpret_cast<unsigned*>(yrows + static_cast<std::size_t>(b) * lo.sC + 4 * k) = v;
+      });
+    } else {
+      issue_b(l + 1);
+    }
+    MAMBABYTE_PSTAMP(l, 11);
+    cp_async_wait_2();
+    __syncthreads();
+    MAMBABYTE_PSTAMP(l, 12);
+    if (rv > 0) {
       gemv_mma(smem + lo.oWC, lo.sC, rv, rpadC, smem + lo.oY, lo.sC, B, di, lo.ksC, red, out);
+      MAMBABYTE_PSTAMP(l, 13);
       float const* ob = f32(lo.oOB);
+      unsigned const fr = flag(l, 3);
+      bool const last = l + 1 == p.n_layer;
       for (int it = tid; it < rv * B; it += kThreads) {
         int const b = it / rv, r = it - b * rv;
         float const s = out[r * 8 + b];
@@ -627,21 +729,34 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
         float* ro = f32(lo.oRO) + b * lo.rpb + r;  // only this block writes these rows
         float const v = (l == 0 ? __ldg(p.table + static_cast<std::size_t>(p.tokens[b]) * dm + m0 + r) : *ro) + h;
         *ro = v;
-        p.resid[static_cast<std::size_t>(b) * dm + m0 + r] = v;
+        ll_store(wr(l) + static_cast<std::size_t>(b) * dm + m0 + r, __float_as_uint(v), fr);
+        if (last) p.resid[static_cast<std::size_t>(b) * dm + m0 + r] = v;
       }
     }
-    barrier_then([&] { issue_c(l + 1); });
+    MAMBABYTE_PSTAMP(l, 14);
+    __syncthreads();  // C's shared memory (Y rows, out_proj weights) is consumed
   }
 
   // ---- head: norm_f + lm_head rows -> fp32 logits
   decode_detail::cp_async_wait_all();
   __syncthreads();
   if (hv > 0) {
+    if (p.n_layer > 0) fetch_resid(p.n_layer - 1, [] {});
+    __syncthreads();
     norm_rows(p, lo, p.n_layer == 0, f32(lo.oFW), f32(lo.oFB), p.norm_f_b != nullptr, smem);
     gemv_mma(smem + lo.oWH, lo.sA, hv, rpadH, smem + lo.oXN, lo.sA, B, dm, lo.ksH, red, out);
     for (int it = tid; it < hv * B; it += kThreads) {
       int const b = it / hv, r = it - b * hv;
       p.logits[static_cast<std::size_t>(b) * lo.classes + h0 + r] = out[r * 8 + b];
+    }
+  }
+  // the last block to finish starts the next epoch (every block read this one at its start)
+  if (tid == 0) {
+    unsigned const done = atomicAdd(p.sync + 1, 1u);
+    if (done + 1 == static_cast<unsigned>(G)) {
+      p.sync[1] = 0u;
+      __threadfence();
+      atomicExch(p.sync, epoch + 1u);
     }
   }
 }
@@ -657,7 +772,7 @@ inline Layout make_layout(DecodeDims const& d, int device) {
   int const sms = sm_count(device);
   Layout lo(sms, d.batch, d.d_model, d.d_inner, d.d_state, d.dt_rank, d.d_conv, d.classes);
   int const G = std::max({lo.nxb, lo.ncb, lo.nhb});
-  return Layout(G, d.batch, d.d_model, d.d_inner, d.d_state, d.dt_rank, d.d_conv, d.classes);
+  return Layout(G, d.batch, d.d_model, d.d_inner, d.d_state, d.dt_rank, d.d_conv, d.classes, d.n_layer);
 }
 
 }  // namespace persistent_detail
@@ -687,9 +802,7 @@ inline bool persistent_decode_supported(DecodeDims const& d, int device) {
 inline bool persistent_decode_aligned(DecodeArgs<__nv_bfloat16> const& a) {
   using decode_detail::aligned16;
   auto ok = [](void const* p) { return p == nullptr || aligned16(p); };
-  if (!ok(a.embedding) || !ok(a.norm_f_w) || !ok(a.norm_f_b) || !ok(a.lm_head) || !ok(a.resid) || !ok(a.y) ||
-      !ok(a.xpart))
-    return false;
+  if (!ok(a.embedding) || !ok(a.norm_f_w) || !ok(a.norm_f_b) || !ok(a.lm_head) || !ok(a.resid)) return false;
   for (auto const& L : a.layers)
     if (!ok(L.norm_w) || !ok(L.norm_b) || !ok(L.in_proj_w) || !ok(L.in_proj_b) || !ok(L.conv_w) || !ok(L.conv_b) ||
         !ok(L.x_proj_w) || !ok(L.dt_proj_w) || !ok(L.dt_proj_b) || !ok(L.A_log) || !ok(L.D) || !ok(L.out_proj_w) ||
@@ -698,10 +811,9 @@ inline bool persistent_decode_aligned(DecodeArgs<__nv_bfloat16> const& a) {
   return true;
 }
 
-/// Floats of the x_proj partial-sum scratch of the persistent step.
-inline std::size_t persistent_decode_xpart_floats(DecodeDims const& d, int device) {
-  auto const lo = persistent_detail::make_layout(d, device);
-  return static_cast<std::size_t>(d.batch) * lo.nxb * lo.X;
+/// 64-bit exchange words of the persistent step (its `words` buffer).
+inline std::size_t persistent_decode_words(DecodeDims const& d, int device) {
+  return persistent_detail::make_layout(d, device).words;
 }
 
 /// Raises the kernel's dynamic shared-memory limit (outside graph capture, before the step).
@@ -713,33 +825,40 @@ inline void persistent_decode_setup(Cuda const& be) {
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
 }
 
-/// One decode step of every sequence in one kernel (see the file comment). a.u, a.z and a.xdbl
-/// are not used; a.y must hold (batch, d_inner) and a.xpart persistent_decode_xpart_floats();
-/// barrier: one unsigned of device memory (zeroed here, on the stream). Asynchronous on
-/// be.stream, graph-capturable. cooperative: launch with the cooperative attribute. profile: 0
-/// (see Params::profile; non-zero values only time parts of the step and give wrong results).
-inline void persistent_decode_step(Cuda const& be, DecodeArgs<__nv_bfloat16> const& a, unsigned* barrier,
-                                   bool cooperative = true, int profile = 0) {
+/// Zeroes the exchange words and the epoch/counter pair (on be.stream): needed once after
+/// allocating them and whenever the dimensions (hence the words' layout) change.
+inline void persistent_decode_reset(Cuda const& be, unsigned long long* words, std::size_t n_words, unsigned* sync) {
+  ScopedDevice guard(be.device);
+  if (n_words) MAMBABYTE_CUDA_CHECK(cudaMemsetAsync(words, 0, n_words * sizeof(unsigned long long), be.stream));
+  MAMBABYTE_CUDA_CHECK(cudaMemsetAsync(sync, 0, 2 * sizeof(unsigned), be.stream));
+}
+
+/// One decode step of every sequence in one kernel (see the file comment). a.u, a.z, a.xdbl,
+/// a.y and a.xpart are not used; words: persistent_decode_words() 64-bit words and sync: two
+/// unsigned, both zeroed by persistent_decode_reset after allocation and after a change of
+/// dimensions, then left to the kernel (they carry the epoch from step to step). Asynchronous on
+/// be.stream, graph-capturable. cooperative: launch with the cooperative attribute.
+inline void persistent_decode_step(Cuda const& be, DecodeArgs<__nv_bfloat16> const& a, unsigned long long* words,
+                                   unsigned* sync, bool cooperative = true) {
   using namespace persistent_detail;
   DecodeDims const& d = a.dims;
   require(static_cast<int>(a.layers.size()) == d.n_layer, "persistent_decode_step: ", a.layers.size(),
           " layers for n_layer ", d.n_layer);
   require(d.n_layer <= kMaxLayers, "persistent_decode_step: ", d.n_layer, " layers (at most ", kMaxLayers, ")");
-  require(a.tokens && a.embedding && a.norm_f_w && a.lm_head && a.resid && a.y && a.xpart && a.logits && barrier,
+  require(a.tokens && a.embedding && a.norm_f_w && a.lm_head && a.resid && a.logits && words && sync,
           "persistent_decode_step: null buffer or parameter");
   require(persistent_decode_aligned(a), "persistent_decode_step: a pointer is not 16-byte aligned");
   ScopedDevice guard(be.device);
   Layout const lo = make_layout(d, be.device);
   Params p{.n_layer = d.n_layer, .eps = d.eps, .rms = d.rms, .tokens = a.tokens, .table = a.embedding,
-           .norm_f_w = a.norm_f_w, .norm_f_b = a.norm_f_b, .head = a.lm_head, .resid = a.resid, .y = a.y,
-           .xpart = a.xpart, .logits = a.logits, .barrier = barrier, .profile = profile, .layers = {}};
+           .norm_f_w = a.norm_f_w, .norm_f_b = a.norm_f_b, .head = a.lm_head, .resid = a.resid,
+           .logits = a.logits, .words = words, .sync = sync, .layers = {}};
   for (int l = 0; l < d.n_layer; ++l) {
     auto const& L = a.layers[static_cast<std::size_t>(l)];
     p.layers[l] = LayerPtrs{L.norm_w, L.norm_b,   L.in_proj_w, L.in_proj_b,  L.conv_w,     L.conv_b,
                             L.x_proj_w, L.dt_proj_w, L.dt_proj_b, L.A_log, L.D, L.out_proj_w, L.out_proj_b,
                             L.conv_state, L.ssm_state};
   }
-  MAMBABYTE_CUDA_CHECK(cudaMemsetAsync(barrier, 0, sizeof(unsigned), be.stream));
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeCooperative;
   attr.val.cooperative = 1;

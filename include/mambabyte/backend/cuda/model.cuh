@@ -289,7 +289,7 @@ class Model {
            ddt_.size_bytes() + dxz_.size_bytes() + dxdbl_.size_bytes() + logits_.size_bytes() +
            dlogits_.size_bytes() + row_loss_.size_bytes() + dres_.size_bytes() + A_.size_bytes() +
            dA_.size_bytes() + in_.size_bytes() + tgt_.size_bytes() + ws_.size_bytes() + ones_.size_bytes() +
-           xpart_.size_bytes();
+           xpart_.size_bytes() + words_.size_bytes();
   }
 
   // ---- inference ----------------------------------------------------------------------------
@@ -353,7 +353,7 @@ class Model {
           // (the cooperative attribute of the persistent step, then PDL of the fused kernels).
           // Without the attribute the persistent grid (at most one block per SM, and one block
           // fits an SM: persistent_decode_supported) is co-resident on an otherwise idle GPU;
-          // if it is not, its barrier traps after kBarrierTimeoutNs and the step reports a
+          // if it is not, its exchange polls trap after kPollTimeoutNs and the step reports a
           // CUDA error instead of hanging.
           (void)cudaGetLastError();
           if (persistent_ && coop_) coop_ = false;
@@ -390,12 +390,6 @@ class Model {
     if (allowed != allow_persistent_) ++generation_;
     allow_persistent_ = allowed;
     rows_ = 0;
-  }
-  /// Benchmarks only: time parts of the persistent step (decode_persistent.cuh Params::profile;
-  /// 0 = the real step; other values give wrong logits and states).
-  void set_decode_profile(int profile) {
-    if (profile != profile_) ++generation_;
-    profile_ = profile;
   }
   /// Whether the last inference call ran the persistent single-kernel step.
   bool persistent_decode() const { return persistent_; }
@@ -529,8 +523,12 @@ class Model {
                   bc::persistent_decode_supported(decode_dims(), be_.device);
     decode_ = persistent_ || (fusable && batch <= kFusedDecodeMaxBatch && bc::decode_supported<S>(decode_dims(), be_.device));
     if (persistent_) {
-      fit(xpart_, std::max<std::size_t>(bc::persistent_decode_xpart_floats(decode_dims(), be_.device), 4));
-      if (barrier_.size() == 0) barrier_ = bc::DeviceBuffer<unsigned>(1, be_);
+      std::size_t const words = bc::persistent_decode_words(decode_dims(), be_.device);
+      bool const fresh = words_.size() < words || sync_.size() == 0;
+      fit(words_, words);
+      if (sync_.size() == 0) sync_ = bc::DeviceBuffer<unsigned>(2, be_);
+      // the exchange words carry flags from step to step: zeroed when their layout may change
+      if (fresh || !same) bc::persistent_decode_reset(be_, words_.data(), words_.size(), sync_.data());
       bc::persistent_decode_setup(be_);
     } else if (decode_) {
       fit(xpart_, std::max<std::size_t>(bc::decode_xpart_floats<S>(decode_dims()), 4));
@@ -707,7 +705,7 @@ class Model {
         // DeviceWeights / DeviceState / the scratch are cudaMalloc'd and, with the dimensions
         // persistent_decode_supported accepts, every view starts on a 16-byte boundary
         // (persistent_decode_step checks it and names the failure otherwise).
-        bc::persistent_decode_step(be_, a, barrier_.data(), coop_, profile_);
+        bc::persistent_decode_step(be_, a, words_.data(), sync_.data(), coop_);
         return;
       }
     }
@@ -830,8 +828,8 @@ class Model {
   bool allow_persistent_ = true;
   bool persistent_ = false;               ///< the current inference shape runs the persistent step
   bool coop_ = true;                      ///< launch it with the cooperative attribute
-  int profile_ = 0;                       ///< benchmarks only (set_decode_profile)
-  bc::DeviceBuffer<unsigned> barrier_;    ///< its grid-barrier counter
+  bc::DeviceBuffer<unsigned long long> words_;  ///< its exchange words (decode_persistent.cuh)
+  bc::DeviceBuffer<unsigned> sync_;       ///< its epoch and finished-block counter
   bool decode_ = false;                   ///< the current inference shape runs decode.cuh's fused step
   bool pdl_ = default_pdl(be_.device);    ///< chain the fused step's kernels with PDL
 };

@@ -1,0 +1,147 @@
+// decode_anatomy: where the time of the persistent decode step goes (diagnostic tool, not a
+// benchmark of record). Built with MAMBABYTE_DECODE_PERSISTENT_STAMPS: thread 0 of every block
+// writes %globaltimer at 16 points of every layer (decode_persistent.cuh, MAMBABYTE_PSTAMP).
+// Prints, for the MambaByte-353M shape at batch 1 (or --batch B), the mean duration of every
+// segment over the layers 2..n-2 and all blocks (the waits for other blocks' values are inside
+// the fetch / sum segments).
+#define MAMBABYTE_DECODE_PERSISTENT_STAMPS 1
+#include <mambabyte/cuda.hpp>
+#include <mambabyte/mambabyte.hpp>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+namespace {
+
+using namespace mambabyte;
+namespace mcu = mambabyte::cuda;
+namespace pd = mambabyte::backend::cuda::persistent_detail;
+
+ModelConfig config() {
+  ModelConfig c;
+  c.d_model = 1024;
+  c.n_layer = 53;
+  c.d_state = 16;
+  c.d_conv = 4;
+  c.expand = 2;
+  c.rms_norm = false;
+  c.tie_embeddings = false;
+  c.vocab_size = 256;
+  c.pad_vocab_size_multiple = 1;
+  c.finalize();
+  return c;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int batch = 1;
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::strcmp(argv[i], "--batch") == 0) batch = std::atoi(argv[i + 1]);
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    std::printf("decode_anatomy: no CUDA device\n");
+    return 0;
+  }
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+
+  backend::Cuda be;
+  MAMBABYTE_CUDA_CHECK(cudaStreamCreateWithFlags(&be.stream, cudaStreamNonBlocking));
+  ModelConfig const c = config();
+  ModelWeights<float> hw(c);
+  train::initialize_mamba(hw, 1);
+  mcu::DeviceWeights<mcu::bf16> w(hw, be);
+  mcu::Model<mcu::bf16> m(be);
+  mcu::DeviceState st(c, batch, be);
+  std::vector<std::int32_t> tokens(static_cast<std::size_t>(batch), 65);
+  for (int i = 0; i < 3; ++i) (void)m.step(w, tokens, st);
+  MAMBABYTE_CUDA_CHECK(cudaStreamSynchronize(be.stream));
+  if (!m.persistent_decode()) {
+    std::printf("decode_anatomy: the persistent step does not run at batch %d\n", batch);
+    return 1;
+  }
+  int const L = c.n_layer, S = pd::kStampSlots;
+  std::size_t const slots = static_cast<std::size_t>(L) * sms * S;
+  unsigned long long* dst = nullptr;
+  MAMBABYTE_CUDA_CHECK(cudaMalloc(&dst, slots * 8));
+  MAMBABYTE_CUDA_CHECK(cudaMemset(dst, 0, slots * 8));
+  MAMBABYTE_CUDA_CHECK(cudaMemcpyToSymbol(pd::g_decode_stamps, &dst, sizeof(dst)));
+  // time a few steps (with stamps on), keep the last step's stamps
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  std::vector<float> ms;
+  for (int r = 0; r < 50; ++r) {
+    cudaEventRecord(a, be.stream);
+    (void)m.step(w, tokens, st);
+    cudaEventRecord(b, be.stream);
+    MAMBABYTE_CUDA_CHECK(cudaEventSynchronize(b));
+    float t = 0;
+    cudaEventElapsedTime(&t, a, b);
+    ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  std::vector<unsigned long long> h(slots);
+  MAMBABYTE_CUDA_CHECK(cudaMemcpy(h.data(), dst, slots * 8, cudaMemcpyDeviceToHost));
+  backend::cuda::DecodeDims dd;
+  dd.batch = batch;
+  dd.d_model = c.d_model;
+  dd.d_inner = c.d_inner();
+  dd.d_state = c.d_state;
+  dd.dt_rank = c.dt_rank;
+  dd.d_conv = c.d_conv;
+  dd.n_layer = c.n_layer;
+  auto const lo = pd::make_layout(dd, 0);
+  int const G = lo.G;
+  // the kernel indexes stamps with its grid size G
+  auto st_ = [&](int l, int g, int k) { return static_cast<double>(h[(static_cast<std::size_t>(l) * G + g) * S + k]); };
+  std::printf("step (stamps on): median %.1f us over 50; grid %d blocks; %d layers\n", ms[ms.size() / 2] * 1e3, G, L);
+  int const used = 15;  // slots 0..14 (decode_persistent.cuh, MAMBABYTE_PSTAMP)
+  char const* names[S] = {"loop top",           "A: R fetch (+issue C)", "A: weights ready",  "A: norm",
+                          "A: in_proj gemv",    "A: conv",               "A: x_proj -> P",    "A: P sums -> X",
+                          "B: X fetch (+iss. A)", "B: (empty)",          "B: dt/state -> Y",  "C: Y fetch (+iss. B)",
+                          "C: weights ready",   "C: out_proj gemv",      "C: residual -> R",  ""};
+  std::printf("%-24s %10s %10s %10s\n", "segment (ends at)", "mean ns", "max ns", "min ns");
+  double total = 0;
+  for (int k = 1; k < used; ++k) {
+    double sum = 0, mx = 0, mn = 1e18;
+    int cnt = 0;
+    for (int l = 2; l < L - 1; ++l)
+      for (int g = 0; g < G; ++g) {
+        double const d = st_(l, g, k) - st_(l, g, k - 1);
+        sum += d;
+        mx = std::max(mx, d);
+        mn = std::min(mn, d);
+        ++cnt;
+      }
+    total += sum / cnt;
+    std::printf("%-24s %10.0f %10.0f %10.0f\n", names[k], sum / cnt, mx, mn);
+  }
+  {
+    double sum = 0;
+    int cnt = 0;
+    for (int l = 2; l < L - 1; ++l)
+      for (int g = 0; g < G; ++g) {
+        sum += st_(l + 1, g, 0) - st_(l, g, used - 1);
+        ++cnt;
+      }
+    std::printf("%-24s %10.0f\n", "(C -> next top)", sum / cnt);
+    total += sum / cnt;
+  }
+  std::printf("%-24s %10.0f ns per layer\n", "sum", total);
+  // globaltimer granularity: smallest non-zero difference seen
+  double gran = 1e18;
+  for (int l = 0; l < L; ++l)
+    for (int k = 1; k < used; ++k) {
+      double const d = st_(l, 0, k) - st_(l, 0, k - 1);
+      if (d > 0) gran = std::min(gran, d);
+    }
+  std::printf("smallest non-zero stamp difference: %.0f ns\n", gran);
+  cudaFree(dst);
+  return 0;
+}
