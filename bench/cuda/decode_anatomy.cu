@@ -1,6 +1,6 @@
 // decode_anatomy: where the time of the persistent decode step goes (diagnostic tool, not a
 // benchmark of record). Built with MAMBABYTE_DECODE_PERSISTENT_STAMPS: thread 0 of every block
-// writes %globaltimer at 16 points of every layer (decode_persistent.cuh, MAMBABYTE_PSTAMP).
+// writes clock64 (SM cycles) at 16 points of every layer (decode_persistent.cuh, MAMBABYTE_PSTAMP).
 // Prints, for the MambaByte-353M shape at batch 1 (or --batch B), the mean duration of every
 // segment over the layers 2..n-2 and all blocks (the waits for other blocks' values are inside
 // the fetch / sum segments).
@@ -106,7 +106,7 @@ int main(int argc, char** argv) {
                           "A: in_proj gemv",    "A: conv",               "A: x_proj -> P",    "A: P sums -> X",
                           "B: X fetch (+iss. A)", "B: (empty)",          "B: dt/state -> Y",  "C: Y fetch (+iss. B)",
                           "C: weights ready",   "C: out_proj gemv",      "C: residual -> R",  ""};
-  std::printf("%-24s %10s %10s %10s\n", "segment (ends at)", "mean ns", "max ns", "min ns");
+  std::printf("%-24s %10s %10s %10s\n", "segment (ends at)", "mean cyc", "max cyc", "min cyc");
   double total = 0;
   for (int k = 1; k < used; ++k) {
     double sum = 0, mx = 0, mn = 1e18;
@@ -133,7 +133,7 @@ int main(int argc, char** argv) {
     std::printf("%-24s %10.0f\n", "(C -> next top)", sum / cnt);
     total += sum / cnt;
   }
-  std::printf("%-24s %10.0f ns per layer\n", "sum", total);
+  std::printf("%-24s %10.0f cycles per layer\n", "sum", total);
   // globaltimer granularity: smallest non-zero difference seen
   double gran = 1e18;
   for (int l = 0; l < L; ++l)
@@ -141,7 +141,7 @@ int main(int argc, char** argv) {
       double const d = st_(l, 0, k) - st_(l, 0, k - 1);
       if (d > 0) gran = std::min(gran, d);
     }
-  std::printf("smallest non-zero stamp difference: %.0f ns\n", gran);
+  std::printf("smallest non-zero stamp difference: %.0f cycles\n", gran);
   cudaFree(dst);
   return 0;
 }

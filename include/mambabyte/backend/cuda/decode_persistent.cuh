@@ -256,14 +256,15 @@ __device__ __forceinline__ unsigned long long globaltimer() {
 
 #if defined(MAMBABYTE_DECODE_PERSISTENT_STAMPS)
 /// Diagnostic builds only (bench/cuda/decode_anatomy.cu): thread 0 of every block writes
-/// %globaltimer at kStampSlots points of every layer to stamps[(l * G + g) * kStampSlots + k].
+/// the SM clock (clock64, cycles) at kStampSlots points of every layer to stamps[(l * G + g) *
+/// kStampSlots + k].
 inline constexpr int kStampSlots = 16;
 __device__ unsigned long long* g_decode_stamps = nullptr;
 #define MAMBABYTE_PSTAMP(l, k)                                                                        \
   do {                                                                                              \
     if (threadIdx.x == 0 && g_decode_stamps)                                                        \
       g_decode_stamps[((static_cast<std::size_t>(l) * gridDim.x + blockIdx.x) * kStampSlots) + (k)] = \
-          globaltimer();                                                                            \
+          clock64();                                                                                \
   } while (0)
 #else
 #define MAMBABYTE_PSTAMP(l, k) \
