@@ -430,6 +430,44 @@ TEST_CASE("cuda model: the persistent decode step equals the parallel forward an
   CHECK(q.rel < 2e-2);
 }
 
+// The persistent step's exchange words carry flags (epoch, layer) from launch to launch: one
+// model driven through many steps and changes of batch size (new layouts of the words, reset)
+// gives bit for bit the logits of a fresh model per batch size; a stale or mismatched flag would
+// either hang (the poll traps: a CUDA error) or read old values.
+TEST_CASE("cuda model: the persistent step over many launches and changes of batch size", "[cuda][model][small]") {
+  REQUIRE_GPU();
+  auto const c = persistent_config(0);
+  auto const wf = random_weights<float>(c, 730);
+  auto const be = make_be();
+  mcu::DeviceWeights<mcu::bf16> w(wf, be);
+  mcu::Model<mcu::bf16> shared(be);
+  std::mt19937_64 rng(731);
+  for (int batch : {1, 4, 2, 1, 3}) {
+    CAPTURE(batch);
+    mcu::Model<mcu::bf16> fresh(be), chained(be);
+    chained.set_persistent_decode(false);  // decode.cuh's kernels: an independent reference
+    mcu::DeviceState a(c, batch, be), b(c, batch, be), d(c, batch, be);
+    std::vector<float> la, lb, ld;
+    bool all_persistent = true;
+    for (int t = 0; t < 40; ++t) {
+      auto const x = random_tokens(static_cast<std::size_t>(batch), c.vocab_size, rng);
+      la = device_rows(shared.step(w, x, a), static_cast<std::size_t>(batch), be);
+      all_persistent = all_persistent && shared.persistent_decode();
+      lb = device_rows(fresh.step(w, x, b), static_cast<std::size_t>(batch), be);
+      ld = device_rows(chained.step(w, x, d), static_cast<std::size_t>(batch), be);
+    }
+    CHECK(all_persistent);
+    CHECK_FALSE(chained.persistent_decode());
+    CHECK(la == lb);
+    double const rel = rel_rms(la, ld);
+    CAPTURE(rel);
+    CHECK(rel < 2e-2);
+    bool finite = true;
+    for (float v : la) finite = finite && std::isfinite(v);
+    CHECK(finite);
+  }
+}
+
 // The persistent decode step once per shape of the case above at batch 1 and 4, for
 // compute-sanitizer's racecheck (hidden: that case covers the same and more, and is too slow
 // under racecheck).
