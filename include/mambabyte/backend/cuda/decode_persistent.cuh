@@ -380,12 +380,16 @@ __device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, boo
   bool const active = b < B;
   int const q4 = dm / 4;
   float* stat = reinterpret_cast<float*>(smem + lo.oStat);
+  // one pass: sums of (x - K) and (x - K)^2 with K the row's first element (LayerNorm; K = 0 for
+  // RMSNorm), then var = E[(x - K)^2] - E[x - K]^2: one block reduction instead of two, and the
+  // shift keeps the difference well conditioned (|mean - K| is of the order of the spread)
   float4 v[kNormVec];
-  float sum = 0.f;
+  float sum = 0.f, sq = 0.f;
   float const* src = nullptr;
   if (active)
     src = from_table ? p.table + static_cast<std::size_t>(p.tokens[b]) * dm
                      : reinterpret_cast<float const*>(smem + lo.oRS) + static_cast<std::size_t>(b) * dm;
+  float const K = active && !p.rms ? src[0] : 0.f;
 #pragma unroll
   for (int i = 0; i < kNormVec; ++i) {
     int const k4 = j + i * tpr;
@@ -393,33 +397,33 @@ __device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, boo
     if (active && k4 < q4) {
       float4 const* s4 = reinterpret_cast<float4 const*>(src) + k4;
       v[i] = from_table ? __ldg(s4) : *s4;
-      sum += (v[i].x + v[i].y) + (v[i].z + v[i].w);
-    }
-  }
-  int const warp = tid >> 5, wpr = tpr / 32;  // warps per row team
-  float mean = 0.f;
-  if (!p.rms) {
-    sum = decode_detail::warp_sum(sum);
-    if ((tid & 31) == 0) stat[warp] = sum;
-    __syncthreads();
-    int const lane = tid & 31;
-    float const s = decode_detail::warp_sum(lane < wpr ? stat[(active ? b : 0) * wpr + lane] : 0.f);
-    mean = s / static_cast<float>(dm);
-  }
-  float sq = 0.f;
-#pragma unroll
-  for (int i = 0; i < kNormVec; ++i) {
-    int const k4 = j + i * tpr;
-    if (active && k4 < q4) {
-      float const a = v[i].x - mean, c = v[i].y - mean, d = v[i].z - mean, e = v[i].w - mean;
+      float const a = v[i].x - K, c = v[i].y - K, d = v[i].z - K, e = v[i].w - K;
+      sum += (a + c) + (d + e);
       sq += (a * a + c * c) + (d * d + e * e);
     }
   }
-  sq = decode_detail::warp_sum(sq);
-  if ((tid & 31) == 0) stat[kWarps + warp] = sq;
+  int const warp = tid >> 5, wpr = tpr / 32, lane = tid & 31;  // warps per row team
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    sq += __shfl_xor_sync(0xffffffffu, sq, o);
+  }
+  if (lane == 0) {
+    stat[warp] = sum;
+    stat[kWarps + warp] = sq;
+  }
   __syncthreads();
-  float const s2 = decode_detail::warp_sum((tid & 31) < wpr ? stat[kWarps + (active ? b : 0) * wpr + (tid & 31)] : 0.f);
-  float const rstd = 1.f / sqrtf(s2 / static_cast<float>(dm) + p.eps);
+  float s1 = lane < wpr ? stat[(active ? b : 0) * wpr + lane] : 0.f;
+  float s2 = lane < wpr ? stat[kWarps + (active ? b : 0) * wpr + lane] : 0.f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+    s2 += __shfl_xor_sync(0xffffffffu, s2, o);
+  }
+  float const m1 = s1 / static_cast<float>(dm);
+  float const mean = p.rms ? 0.f : K + m1;
+  float const var = p.rms ? s2 / static_cast<float>(dm) : fmaxf(s2 / static_cast<float>(dm) - m1 * m1, 0.f);
+  float const rstd = 1.f / sqrtf(var + p.eps);
   if (active) {
     unsigned char* row = smem + lo.oXN + static_cast<std::size_t>(b) * lo.sA;
 #pragma unroll
