@@ -769,33 +769,47 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
       int const items = cv * B;
       int lpi = 1;
       while (lpi < 32 && items * lpi * 2 <= kThreads) lpi *= 2;
-      int const sub = tid & (lpi - 1);
-      for (int it0 = 0; it0 < items; it0 += kThreads / lpi) {  // uniform trip count: shuffles below
-        int const item = it0 + tid / lpi;
-        bool const act = item < items;
-        int const b = act ? item / cv : 0, i = act ? item - (item / cv) * cv : 0;
-        float const* xd = XD + b * X;
-        float const u = U[b * lo.cpb + i];
-        float const zz = Z[b * lo.cpb + i];
-        float const dbias = L.dt_b ? db[i] : 0.f;
-        float const Dd = L.D ? dd[i] : 0.f;
-        float dtp = 0.f;
-        for (int r = sub; r < R; r += lpi) dtp = fmaf(__bfloat162float(wd[i * R + r]), xd[r], dtp);
-        for (int o = 1; o < lpi; o <<= 1) dtp += __shfl_xor_sync(0xffffffffu, dtp, o);
-        float const dt = decode_detail::softplus(round_s<bf16_t>(dtp) + dbias);
-        float const du = dt * u;
-        float y = 0.f;
-        float* sg = L.ssm_state + (static_cast<std::size_t>(b) * di + c0 + i) * N;
-        for (int n = sub; n < N; n += lpi) {
-          float const A2 = -expf(al[i * N + n]) * decode_detail::kLog2e;
-          float const h = fmaf(decode_detail::ex2_approx(dt * A2), ss[(b * lo.cpb + i) * N + n], du * xd[R + n]);
-          if (act) sg[n] = h;
-          y = fmaf(h, xd[R + N + n], y);
+      // the lanes per item as a compile-time constant (unrolled butterflies, no loop overhead on
+      // this phase's dependent chain); the same summation order for every LPI path
+      auto ssm_items = [&]<int LPI>() {
+        int const sub = tid & (LPI - 1);
+        for (int it0 = 0; it0 < items; it0 += kThreads / LPI) {  // uniform trip count: shuffles below
+          int const item = it0 + tid / LPI;
+          bool const act = item < items;
+          int const b = act ? item / cv : 0, i = act ? item - (item / cv) * cv : 0;
+          float const* xd = XD + b * X;
+          float const u = U[b * lo.cpb + i];
+          float const zz = Z[b * lo.cpb + i];
+          float const dbias = L.dt_b ? db[i] : 0.f;
+          float const Dd = L.D ? dd[i] : 0.f;
+          float dtp = 0.f;
+          for (int r = sub; r < R; r += LPI) dtp = fmaf(__bfloat162float(wd[i * R + r]), xd[r], dtp);
+#pragma unroll
+          for (int o = 1; o < LPI; o <<= 1) dtp += __shfl_xor_sync(0xffffffffu, dtp, o);
+          float const dt = decode_detail::softplus(round_s<bf16_t>(dtp) + dbias);
+          float const du = dt * u;
+          float y = 0.f;
+          float* sg = L.ssm_state + (static_cast<std::size_t>(b) * di + c0 + i) * N;
+          for (int n = sub; n < N; n += LPI) {
+            float const A2 = -expf(al[i * N + n]) * decode_detail::kLog2e;
+            float const h = fmaf(decode_detail::ex2_approx(dt * A2), ss[(b * lo.cpb + i) * N + n], du * xd[R + n]);
+            if (act) sg[n] = h;
+            y = fmaf(h, xd[R + N + n], y);
+          }
+#pragma unroll
+          for (int o = 1; o < LPI; o <<= 1) y += __shfl_xor_sync(0xffffffffu, y, o);
+          y = fmaf(Dd, u, y);
+          y = __fdividef(y * zz, 1.f + __expf(-zz));
+          if (act && sub == 0) ys[b * lo.cpb + i] = __float2bfloat16_rn(y);
         }
-        for (int o = 1; o < lpi; o <<= 1) y += __shfl_xor_sync(0xffffffffu, y, o);
-        y = fmaf(Dd, u, y);
-        y = __fdividef(y * zz, 1.f + __expf(-zz));
-        if (act && sub == 0) ys[b * lo.cpb + i] = __float2bfloat16_rn(y);
+      };
+      switch (lpi) {
+        case 32: ssm_items.template operator()<32>(); break;
+        case 16: ssm_items.template operator()<16>(); break;
+        case 8: ssm_items.template operator()<8>(); break;
+        case 4: ssm_items.template operator()<4>(); break;
+        case 2: ssm_items.template operator()<2>(); break;
+        default: ssm_items.template operator()<1>(); break;
       }
       __syncthreads();
       // exchange Y: bf16 pairs of channels (cv is even)
