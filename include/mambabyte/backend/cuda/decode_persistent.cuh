@@ -221,8 +221,8 @@ struct Params {
 
 // ---- device helpers ----------------------------------------------------------------------------
 
-/// Threads that issue the weight copies: all but warp 0, whose thread 0 runs the grid barrier
-/// (its release fence then never waits for copies in flight).
+/// Threads that issue the 16-byte weight copies: all but warp 0 (which issues the bulk copies of
+/// the in_proj / out_proj rows at batch 1).
 inline constexpr int kCopyThreads = kThreads - 32;
 
 /// rows x row_bytes (multiples of 16) from global (row stride gstride bytes) into shared memory
