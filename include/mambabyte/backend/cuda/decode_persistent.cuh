@@ -123,7 +123,7 @@ struct Layout {
   std::size_t oXN = 0, oY = 0, oRed = 0, oOut = 0, oU = 0, oZ = 0, oXD = 0, oStat = 0;
   std::size_t oRO = 0;   ///< the block's out_proj rows of the residual (B x rpb fp32), kept across layers
   std::size_t oRS = 0;   ///< the whole residual (B x dm fp32), from exchange R
-  std::size_t oMB = 0;  ///< two mbarriers: the bulk copies of the in_proj and the out_proj rows
+  std::size_t oMB = 0;  ///< three mbarriers: the bulk copies of phases A, C and B
   std::size_t oLP = 0;  ///< the LayerPtrs of every layer (parameter-space loads with a runtime index are slow)
   std::size_t bytes = 0;
   /// Exchange words (64-bit: value | flag << 32) in global memory, 2 parities each: P (B x nxb x
@@ -192,7 +192,7 @@ struct Layout {
     oStat = take(2 * kWarps * 4);
     oRO = take(static_cast<std::size_t>(B) * rpb * 4);
     oLP = take(static_cast<std::size_t>(nl) * sizeof(LayerPtrs));
-    oMB = take(16);
+    oMB = take(24);
     oRS = take(static_cast<std::size_t>(B) * dm * 4);
     bytes = o;
     wP = 0;
@@ -544,6 +544,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     mbar_init(mbar);
     mbar_init(mbar + 1);
+    mbar_init(mbar + 2);
   }
 #if defined(MAMBABYTE_PERSISTENT_BULK)
   // the zeros above (generic proxy) before the bulk copies (async proxy) into the same bytes
@@ -575,21 +576,23 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
     if (l < p.n_layer && cv > 0) {
       LayerPtrs const& L = lp[l];
       if (bulk) {
-        if (tid < 32) {  // the x rows and the z rows of the block's channels: one phase of mbar[0]
-          if (tid == 0) mbar_arm(mbar, static_cast<unsigned>(2 * cv * dm * 2));
+        if (tid < 32) {  // the x and z rows of the block's channels and the norm weights: one phase of mbar[0]
+          if (tid == 0) mbar_arm(mbar, static_cast<unsigned>(2 * cv * dm * 2 + (L.norm_b ? 2 : 1) * dm * 4));
           bulk_rows(smem + lo.oWA, lo.sA, L.in_w + static_cast<std::size_t>(c0) * dm, std::size_t(dm) * 2, cv,
                     dm * 2, mbar);
           bulk_rows(smem + lo.oWA + static_cast<std::size_t>(lo.cpb) * lo.sA, lo.sA,
                     L.in_w + static_cast<std::size_t>(di + c0) * dm, std::size_t(dm) * 2, cv, dm * 2, mbar);
+          bulk_rows(smem + lo.oNW, 0, L.norm_w, 0, 1, dm * 4, mbar);
+          if (L.norm_b) bulk_rows(smem + lo.oNB, 0, L.norm_b, 0, 1, dm * 4, mbar);
         }
       } else {
         stage_rows(smem + lo.oWA, lo.sA, L.in_w + static_cast<std::size_t>(c0) * dm, std::size_t(dm) * 2, cv, dm * 2);
         stage_rows(smem + lo.oWA + static_cast<std::size_t>(lo.cpb) * lo.sA, lo.sA,
                    L.in_w + static_cast<std::size_t>(di + c0) * dm, std::size_t(dm) * 2, cv, dm * 2);
+        stage(smem + lo.oNW, L.norm_w, dm * 4);
+        if (L.norm_b) stage(smem + lo.oNB, L.norm_b, dm * 4);
       }
       stage_rows(smem + lo.oWX, lo.cpb * 2, L.x_w + c0, std::size_t(di) * 2, X, cv * 2);
-      stage(smem + lo.oNW, L.norm_w, dm * 4);
-      if (L.norm_b) stage(smem + lo.oNB, L.norm_b, dm * 4);
       stage(smem + lo.oCW, L.conv_w + static_cast<std::size_t>(c0) * dc, cv * dc * 4);
       if (L.conv_b) stage(smem + lo.oCB, L.conv_b + c0, cv * 4);
       if (L.in_b) {
@@ -603,12 +606,22 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
   auto issue_b = [&](int l) {
     if (l < p.n_layer && cv > 0) {
       LayerPtrs const& L = lp[l];
-      stage(smem + lo.oWD, L.dt_w + static_cast<std::size_t>(c0) * R, cv * R * 2);
+      if (bulk) {
+        if (tid < 32) {  // dt_proj rows, A_log, the state: one phase of mbar[2]
+          if (tid == 0) mbar_arm(mbar + 2, static_cast<unsigned>(cv * R * 2 + cv * N * 4 + B * cv * N * 4));
+          bulk_rows(smem + lo.oWD, 0, L.dt_w + static_cast<std::size_t>(c0) * R, 0, 1, cv * R * 2, mbar + 2);
+          bulk_rows(smem + lo.oAL, 0, L.A_log + static_cast<std::size_t>(c0) * N, 0, 1, cv * N * 4, mbar + 2);
+          bulk_rows(smem + lo.oSS, lo.cpb * N * 4, L.ssm_state + static_cast<std::size_t>(c0) * N,
+                    std::size_t(di) * N * 4, B, cv * N * 4, mbar + 2);
+        }
+      } else {
+        stage(smem + lo.oWD, L.dt_w + static_cast<std::size_t>(c0) * R, cv * R * 2);
+        stage(smem + lo.oAL, L.A_log + static_cast<std::size_t>(c0) * N, cv * N * 4);
+        stage_rows(smem + lo.oSS, lo.cpb * N * 4, L.ssm_state + static_cast<std::size_t>(c0) * N,
+                   std::size_t(di) * N * 4, B, cv * N * 4);
+      }
       if (L.dt_b) stage(smem + lo.oDB, L.dt_b + c0, cv * 4);
-      stage(smem + lo.oAL, L.A_log + static_cast<std::size_t>(c0) * N, cv * N * 4);
       if (L.D) stage(smem + lo.oDD, L.D + c0, cv * 4);
-      stage_rows(smem + lo.oSS, lo.cpb * N * 4, L.ssm_state + static_cast<std::size_t>(c0) * N, std::size_t(di) * N * 4,
-                 B, cv * N * 4);
     }
     decode_detail::cp_async_commit();
   };
@@ -660,9 +673,9 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
     __syncthreads();
     MAMBABYTE_PSTAMP(l, 2);
     if (cv > 0) {
+      if (bulk) mbar_wait(mbar, static_cast<unsigned>(l & 1));  // layer l's in_proj rows and norm (phase l of mbar[0])
       norm_rows(p, lo, l == 0, f32(lo.oNW), f32(lo.oNB), L.norm_b != nullptr, smem);
       MAMBABYTE_PSTAMP(l, 3);
-      if (bulk) mbar_wait(mbar, static_cast<unsigned>(l & 1));  // layer l's in_proj rows (phase l of mbar[0])
       gemv_mma(smem + lo.oWA, lo.sA, 2 * lo.cpb, rpadA, smem + lo.oXN, lo.sA, B, dm, lo.ksA, red, out);
       MAMBABYTE_PSTAMP(l, 4);
       float const* cw = f32(lo.oCW);
@@ -757,6 +770,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
     MAMBABYTE_PSTAMP(l, 8);
     if (cv > 0) {
       MAMBABYTE_PSTAMP(l, 9);
+      if (bulk) mbar_wait(mbar + 2, static_cast<unsigned>(l & 1));  // dt_proj rows, A_log, state (mbar[2])
       bf16_t const* wd = reinterpret_cast<bf16_t const*>(smem + lo.oWD);
       float const* db = f32(lo.oDB);
       float const* al = f32(lo.oAL);
