@@ -18,6 +18,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "bench_config.hpp"
+
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -34,20 +36,7 @@ bool g_quick = false;
 constexpr double kPeakFlops = 790e12;  // bf16 dense, as REFERENCE.md's MFU
 constexpr double kHbm = 4.8e12;
 
-ModelConfig bench_config() {
-  ModelConfig c;
-  c.d_model = g_quick ? 128 : 1024;
-  c.n_layer = g_quick ? 2 : 53;
-  c.d_state = 16;
-  c.d_conv = 4;
-  c.expand = 2;
-  c.rms_norm = false;
-  c.tie_embeddings = false;
-  c.vocab_size = 256;
-  c.pad_vocab_size_multiple = 1;
-  c.finalize();
-  return c;
-}
+ModelConfig bench_config() { return bench::mambabyte_353m(g_quick); }
 
 backend::Cuda make_be() {
   static cudaStream_t s = [] {

@@ -15,26 +15,13 @@
 #include <random>
 #include <vector>
 
+#include "bench_config.hpp"
+
 namespace {
 
 using namespace mambabyte;
 namespace mcu = mambabyte::cuda;
 namespace pd = mambabyte::backend::cuda::persistent_detail;
-
-ModelConfig config() {
-  ModelConfig c;
-  c.d_model = 1024;
-  c.n_layer = 53;
-  c.d_state = 16;
-  c.d_conv = 4;
-  c.expand = 2;
-  c.rms_norm = false;
-  c.tie_embeddings = false;
-  c.vocab_size = 256;
-  c.pad_vocab_size_multiple = 1;
-  c.finalize();
-  return c;
-}
 
 }  // namespace
 
@@ -52,7 +39,7 @@ int main(int argc, char** argv) {
 
   backend::Cuda be;
   MAMBABYTE_CUDA_CHECK(cudaStreamCreateWithFlags(&be.stream, cudaStreamNonBlocking));
-  ModelConfig const c = config();
+  ModelConfig const c = bench::mambabyte_353m();
   ModelWeights<float> hw(c);
   train::initialize_mamba(hw, 1);
   mcu::DeviceWeights<mcu::bf16> w(hw, be);
