@@ -534,7 +534,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
   // zero shared memory once: parameters of a partial channel block read as zeros
   for (int i = tid * 16; i < static_cast<int>(lo.bytes); i += kThreads * 16)
     *reinterpret_cast<uint4*>(smem + i) = make_uint4(0u, 0u, 0u, 0u);
-  auto* const mbar = reinterpret_cast<unsigned long long*>(smem + lo.oMB);  // [0] in_proj rows, [1] out_proj rows
+  auto* const mbar = reinterpret_cast<unsigned long long*>(smem + lo.oMB);  // bulk copies of phases A, C, B
 #if defined(MAMBABYTE_PERSISTENT_BULK)
   bool const bulk = lo.bulk;
 #else
