@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Nsight Compute on the persistent decode step (one device call; --clock-control none leaves the
-# clocks alone): the third graph launch of Decode/bf16/1 (bench_cuda_model, built with -lineinfo
-# for the source view), its speed-of-light, scheduler and stall statistics, and the per-SASS
-# (and per source line) stall samples as CSV. Binaries prebuilt in $BIN (carried).
+# clocks alone): the third graph launch of Decode/bf16/$BATCH (bench_cuda_model), its
+# speed-of-light, scheduler and stall statistics, and the per-SASS stall samples as CSV (the
+# per-source-line view, decode_src.csv, is empty unless the binary was built with -lineinfo).
+# Binaries prebuilt in $BIN (carried).
 # Writes ncu_decode.txt, decode_sass.csv, decode_src.csv under $OUT (or /tmp).
 set -u
 BIN=${BIN:-build-devslim}
