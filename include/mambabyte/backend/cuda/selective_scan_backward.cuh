@@ -8,11 +8,13 @@
  *  Two threads per (batch, channel) (kBwdSplit; each holds d_state/2 states in registers),
  *  kBwdCh = 64 channels of one batch and one time segment per block (4 warps). Launches on
  *  be.stream:
- *   1. kernel::bwd_local (per segment): the forward recurrence from the segment's entering
- *      state (initial_state or zero), storing the state entering every chunk of kBwdChunk = 4
- *      steps (checkpoints, states innermost); segments > 0 of time-parallel runs (Chunked<L>,
- *      Auto on few channel blocks) also run the adjoint recurrence from a zero carry over the
- *      segment (it needs only dy, C and the decays), with the segment's sum of deltas;
+ *   1. kernel::bwd_local (a block per segment, plus one per segment > 0): the forward
+ *      recurrence from the segment's entering state (initial_state or zero), storing the state
+ *      entering every chunk of kBwdChunk = 4 steps (checkpoints, states innermost); for
+ *      segments > 0 of time-parallel runs (Chunked<L>, Auto on few channel blocks) other
+ *      blocks of the same launch run the adjoint recurrence from a zero carry over the segment
+ *      (it needs only dy, C and the decays), and the forward blocks keep the segment's sum of
+ *      deltas. Tiles staged kLocalRaw deep (the per-tile work is short);
  *      kernel::bwd_seg_carry then carries both across segments (decay of a segment =
  *      exp(A sum delta)): each segment's entering state and its adjoint carry from the end.
  *   2. kernel::bwd_scan (per segment): tiles of 8 steps last to first, staged by cp.async and
@@ -203,7 +205,7 @@ inline constexpr int kBwdTile = 2 * kBwdChunk;            ///< steps per staged 
 inline constexpr int kBwdMaxState = 32;                   ///< largest d_state supported
 /// Occupancy bounds given to ptxas (resident blocks per SM): the local pass needs few
 /// registers; the scan keeps K x d_state/2 recomputed states per thread in registers.
-inline constexpr int kLocalMinBlocks = 5;
+inline constexpr int kLocalMinBlocks = 6;
 inline constexpr int kScanMinBlocks = 4;
 
 template <class TS = float>
@@ -237,29 +239,38 @@ struct alignas(16) BwdRaw {
   alignas(16) TS bc[kBwdTile][2 * kN];
 };
 
-/// The tile widened to float, with every per-(step, channel) scalar computed once:
-/// dt = softplus(delta + bias), u, dy = dout silu(z), dzf (dz = y dzf), silu (out = y silu),
-/// dsc (softplus' derivative: dv = ddelta dsc).
+/// The tile widened to float: dt = softplus(delta + bias), u, dy = dout silu(z) per (step,
+/// channel) and the B_t, C_t rows (what the local pass uses).
 template <int kN>
-struct alignas(16) BwdCooked {
+struct alignas(16) BwdCookedLocal {
   float dt[kBwdTile][kBwdCh];
   float u[kBwdTile][kBwdCh];
   float dy[kBwdTile][kBwdCh];
-  float dzf[kBwdTile][kBwdCh];
-  float silu[kBwdTile][kBwdCh];
-  float dsc[kBwdTile][kBwdCh];
   alignas(16) float bc[kBwdTile][2 * kN];
 };
 
+/// The scan pass's widened tile: also dzf (dz = y dzf), silu (out = y silu) and dsc (softplus'
+/// derivative: dv = ddelta dsc), every per-(step, channel) scalar computed once.
+template <int kN>
+struct alignas(16) BwdCooked : BwdCookedLocal<kN> {
+  float dzf[kBwdTile][kBwdCh];
+  float silu[kBwdTile][kBwdCh];
+  float dsc[kBwdTile][kBwdCh];
+};
+
+/// Raw tiles in flight in the local pass (its per-tile work is short: the copies of the next
+/// kLocalRaw tiles are in flight while one computes).
+inline constexpr int kLocalRaw = 3;
+
 template <int kN, class TS>
 struct alignas(16) BwdLocalSmem {
-  BwdRaw<kN, TS> raw;
-  BwdCooked<kN> ck;
+  BwdRaw<kN, TS> raw[kLocalRaw];
+  BwdCookedLocal<kN> ck;
 };
 
 template <int kN, class TS>
 struct alignas(16) BwdScanSmem {
-  BwdRaw<kN, TS> raw;
+  BwdRaw<kN, TS> raw[1];
   BwdCooked<kN> ck;
   float red[2][kBwdWarps][kBwdChunk][2 * kN];  ///< per-warp dB / dC sums of a chunk (two parities)
   /// a_t = exp(dt A) of the chunk's steps, per thread (written by the recompute, read back by
@@ -357,9 +368,9 @@ __device__ __forceinline__ void bwd_issue(BwdParams<TS> const& p, BwdRaw<kN, TS>
 /// column, `bias` its channel's delta bias), with the fast softplus / sigmoid (a few ulp, far
 /// inside the backward's tolerance; the forward's values are recomputed, not reused). mask: as given to bwd_issue; kFull: also dzf,
 /// silu and dsc (the scan pass).
-template <bool kFull, int kN, class TS>
-__device__ __forceinline__ void bwd_cook(BwdParams<TS> const& p, BwdRaw<kN, TS> const& st, BwdCooked<kN>& ck,
-                                         int nt, float bias, unsigned mask) {
+template <bool kFull, int kN, class TS, class Cooked>
+__device__ __forceinline__ void bwd_cook(BwdParams<TS> const& p, BwdRaw<kN, TS> const& st, Cooked& ck, int nt,
+                                         float bias, unsigned mask) {
   auto const& a = p.a;
   int const tid = threadIdx.x;
   int const col = tid % kBwdCh;
@@ -433,28 +444,35 @@ __device__ __forceinline__ bool bwd_scatter_writer(int lane) {
 }
 
 /// Walks the time tiles [t_begin, t_end) of batch b first to last (kReverse: last to first):
-/// each tile is staged by cp.async (the next one issued while this one computes), widened by
-/// bwd_cook<kFull> (mask: what is staged), then body(tt, nt) runs on it (tt: its first step,
-/// nt: its steps).
+/// each tile is staged by cp.async into one of the R = size of sm.raw buffers (the next R
+/// tiles in flight while one computes), widened by bwd_cook<kFull> (mask: what is staged),
+/// then body(tt, nt) runs on it (tt: its first step, nt: its steps).
 template <bool kFull, bool kReverse, int kN, class TS, class Smem, class Body>
 __device__ __forceinline__ void bwd_walk_tiles(BwdParams<TS> const& p, Smem& sm, int b, int t_begin, int t_end,
                                                float bias, unsigned mask, Body&& body) {
   constexpr int T = kBwdTile;
+  constexpr int R = static_cast<int>(sizeof(sm.raw) / sizeof(sm.raw[0]));
   int const n_tiles = (t_end - t_begin + T - 1) / T;
-  auto issue = [&](int j) {
-    int const tt = t_begin + j * T;
-    bwd_issue<kN>(p, sm.raw, b, tt, min(T, t_end - tt), mask);
+  auto first_step = [&](int s) { return t_begin + (kReverse ? n_tiles - 1 - s : s) * T; };
+  // s-th tile in walk order into raw[s % R]; past the end an empty group (wait_prior counts groups).
+  auto issue = [&](int s) {
+    if (s < n_tiles) {
+      int const tt = first_step(s);
+      bwd_issue<kN>(p, sm.raw[s % R], b, tt, min(T, t_end - tt), mask);
+    } else {
+      __pipeline_commit();
+    }
   };
-  issue(kReverse ? n_tiles - 1 : 0);
+#pragma unroll
+  for (int s = 0; s < R; ++s) issue(s);
   for (int s = 0; s < n_tiles; ++s) {
-    int const j = kReverse ? n_tiles - 1 - s : s;
-    int const tt = t_begin + j * T;
+    int const tt = first_step(s);
     int const nt = min(T, t_end - tt);
-    __pipeline_wait_prior(0);
+    __pipeline_wait_prior(R - 1);  // tile s has landed (groups s + 1 .. s + R - 1 may be in flight)
     __syncthreads();
-    bwd_cook<kFull>(p, sm.raw, sm.ck, nt, bias, mask);
+    bwd_cook<kFull>(p, sm.raw[s % R], sm.ck, nt, bias, mask);
     __syncthreads();
-    if (s + 1 < n_tiles) issue(kReverse ? j - 1 : j + 1);
+    issue(s + R);  // into the buffer just widened
     body(tt, nt);
   }
 }
@@ -469,13 +487,14 @@ __device__ __forceinline__ float* ck_slot(BwdParams<TS> const& p, int b, int c, 
   return p.ck + ((static_cast<std::int64_t>(b) * p.n_chunks + c) * p.a.d_inner + d) * N;
 }
 
-/// Pass 1 (per batch, time segment, block of kBwdCh channels; two threads per channel):
-///  - forward recurrence over the segment, from initial_state (segment 0) or from zero, storing
-///    the state entering every kBwdChunk-step chunk in ck (and, time-parallel runs, the sum of
-///    deltas from the segment start in cum), the end state in Hs (all segments but the last)
-///    and the segment's sum of deltas in dsum;
-///  - segments > 0 of time-parallel runs: the adjoint recurrence from a zero carry backwards
-///    over the segment (needs only dy, C and the decays), a_t0 g_t0 into Qs.
+/// Pass 1 (per batch, block of kBwdCh channels; two threads per channel). blockIdx.y < n_seg:
+/// the forward recurrence over segment blockIdx.y, from initial_state (segment 0) or from zero,
+/// storing the state entering every kBwdChunk-step chunk in ck (and, time-parallel runs, the sum
+/// of deltas from the segment start in cum), the end state in Hs (all segments but the last)
+/// and the segment's sum of deltas in dsum. blockIdx.y >= n_seg (time-parallel runs only): the
+/// adjoint recurrence of segment blockIdx.y - n_seg + 1 from a zero carry backwards over it
+/// (it needs only dy, C and the decays, not the forward), a_t0 g_t0 into Qs; these blocks run
+/// alongside the forward ones, so every block of the pass does one sweep of one segment.
 /// Full tiles run unguarded straight-line code; only a ragged last tile takes the guarded copy.
 template <int kN, bool kExact, class TS = float>
 MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks : 2) bwd_local(BwdParams<TS> const p) {
@@ -487,7 +506,9 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks 
   int const N = kExact ? kN : a.d_state;
   int const tid = threadIdx.x, ch = tid / kBwdSplit, sub = tid % kBwdSplit, n0 = sub * kNT;
   int const d = blockIdx.x * kBwdCh + ch;
-  int const sg = blockIdx.y, b = blockIdx.z;
+  bool const adjoint = static_cast<int>(blockIdx.y) >= p.n_seg;  // block-uniform
+  int const sg = adjoint ? static_cast<int>(blockIdx.y) - p.n_seg + 1 : static_cast<int>(blockIdx.y);
+  int const b = blockIdx.z;
   bool const active = d < a.d_inner;
   int const dc = active ? d : a.d_inner - 1;
   constexpr float kLog2e = 1.4426950408889634f;
@@ -502,7 +523,45 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks 
   for (int i = 0; i < kNT; ++i) {
     int const n = n0 + i;
     A2[i] = n < N ? a.A[static_cast<std::int64_t>(dc) * N + n] * kLog2e : 0.f;
-    h[i] = (sg == 0 && active && n < N && a.initial_state) ? a.initial_state[b * sN + static_cast<std::int64_t>(d) * N + n] : 0.f;
+    h[i] = (!adjoint && sg == 0 && active && n < N && a.initial_state)
+               ? a.initial_state[b * sN + static_cast<std::int64_t>(d) * N + n]
+               : 0.f;
+  }
+  if (adjoint) {
+    // ---- adjoint from a zero carry, backwards over the segment ----
+    auto adj_tile = [&](int nt, auto guarded) {
+      constexpr bool kG = decltype(guarded)::value;
+#pragma unroll
+      for (int k = T - 1; k >= 0; --k) {
+        if (!kG || k < nt) {
+          float const dt = sm.ck.dt[k][ch];
+          float const dy = sm.ck.dy[k][ch];
+          float4 const* C4 = reinterpret_cast<float4 const*>(&sm.ck.bc[k][kN + n0]);
+#pragma unroll
+          for (int q = 0; q < kNT / 4; ++q) {
+            float4 const Cq = C4[q];
+            float const Cv[4] = {Cq.x, Cq.y, Cq.z, Cq.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              int const i = 4 * q + e;
+              h[i] = ex2_approx(dt * A2[i]) * fmaf(Cv[e], dy, h[i]);
+            }
+          }
+        }
+      }
+    };
+    constexpr unsigned kAdj = kLdDelta | kLdDout | kLdZ | kLdC;
+    bwd_walk_tiles<false, true, kN>(p, sm, b, t_begin, t_end, cbias, kAdj, [&](int, int nt) {
+      if (nt == T) adj_tile(nt, std::false_type{});
+      else adj_tile(nt, std::true_type{});
+    });
+    if (active) {
+      std::int64_t const slot = (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
+#pragma unroll
+      for (int i = 0; i < kNT; ++i)
+        if (n0 + i < N) p.Qs[slot + static_cast<std::int64_t>(n0 + i) * a.d_inner] = h[i];
+    }
+    return;
   }
   bool const store_cum = p.n_seg > 1;
   float dsum = 0.f;
@@ -560,44 +619,6 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks 
         if (n0 + i < N) p.Hs[slot + static_cast<std::int64_t>(n0 + i) * a.d_inner] = h[i];
     }
     if (sub == 0) p.dsum[(static_cast<std::int64_t>(b) * p.n_seg + sg) * a.d_inner + d] = dsum;
-  }
-  if (sg == 0) return;  // block-uniform
-
-  // ---- adjoint from a zero carry, backwards over the segment ----
-  auto adj_tile = [&](int nt, auto guarded) {
-    constexpr bool kG = decltype(guarded)::value;
-#pragma unroll
-    for (int k = T - 1; k >= 0; --k) {
-      if (!kG || k < nt) {
-        float const dt = sm.ck.dt[k][ch];
-        float const dy = sm.ck.dy[k][ch];
-        float4 const* C4 = reinterpret_cast<float4 const*>(&sm.ck.bc[k][kN + n0]);
-#pragma unroll
-        for (int q = 0; q < kNT / 4; ++q) {
-          float4 const Cq = C4[q];
-          float const Cv[4] = {Cq.x, Cq.y, Cq.z, Cq.w};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            int const i = 4 * q + e;
-            h[i] = ex2_approx(dt * A2[i]) * fmaf(Cv[e], dy, h[i]);
-          }
-        }
-      }
-    }
-  };
-  constexpr unsigned kAdj = kLdDelta | kLdDout | kLdZ | kLdC;
-#pragma unroll
-  for (int i = 0; i < kNT; ++i) h[i] = 0.f;
-  __syncthreads();  // the forward's last cook is done with sm.raw on every thread
-  bwd_walk_tiles<false, true, kN>(p, sm, b, t_begin, t_end, cbias, kAdj, [&](int, int nt) {
-    if (nt == T) adj_tile(nt, std::false_type{});
-    else adj_tile(nt, std::true_type{});
-  });
-  if (active) {
-    std::int64_t const slot = (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
-#pragma unroll
-    for (int i = 0; i < kNT; ++i)
-      if (n0 + i < N) p.Qs[slot + static_cast<std::int64_t>(n0 + i) * a.d_inner] = h[i];
   }
 }
 
@@ -986,7 +1007,8 @@ template <int kN, bool kExact, class TS>
 void run_impl(BwdParams<TS>& p, cudaStream_t stream) {
   auto const& a = p.a;
   dim3 const grid(p.blocks_d, p.n_seg, a.batch);
-  prepare_local_kernel<kN, kExact, TS>()<<<grid, kBwdThreads, sizeof(BwdLocalSmem<kN, TS>), stream>>>(p);
+  dim3 const local_grid(p.blocks_d, 2 * p.n_seg - 1, a.batch);  // forward sweeps, then adjoint sweeps of segments > 0
+  prepare_local_kernel<kN, kExact, TS>()<<<local_grid, kBwdThreads, sizeof(BwdLocalSmem<kN, TS>), stream>>>(p);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
   if (p.n_seg > 1) {
     kernel::bwd_seg_carry<kN, TS><<<dim3((a.d_inner + 127) / 128, 1, a.batch), 128, 0, stream>>>(p);
@@ -1029,7 +1051,7 @@ void run(MixedScanBackwardArguments<TS> const& a, int seg_chunks, void* ws, Cuda
   p.par = p.bc + w.bc;
   p.n_seg = segment_count(a.length, seg_chunks);
   p.seg_chunks = p.n_seg > 1 ? seg_chunks : p.n_chunks;
-  require(p.n_seg <= 65535, "selective scan backward (CUDA): too many time segments");
+  require(2 * p.n_seg - 1 <= 65535, "selective scan backward (CUDA): too many time segments");
   if (p.n_seg > 1) {
     std::size_t const S = static_cast<std::size_t>(a.batch) * p.n_seg * a.d_inner * a.d_state;
     p.Hs = p.par + w.par;
