@@ -280,7 +280,9 @@ template <int kN, class TS>
 struct alignas(16) BwdScanSmem {
   BwdRaw<kN, TS> raw[1];
   BwdCooked<kN> ck;
-  alignas(16) float red[2][kBwdWarps][kBwdChunk][2 * kN];  ///< per-warp dB / dC sums of a chunk (two parities)
+  /// Per-warp dB / dC sums of the tile's steps: written by the tile's chunks, summed over the
+  /// warps (bwd_scan's flush) between the next tile's two barriers.
+  alignas(16) float red[kBwdWarps][kBwdTile][2 * kN];
   alignas(16) BwdXr<kN> xr[kBwdWarps];  ///< per-warp staging of the channel sums (bwd_xr_put / bwd_xr_sum)
   /// a_t = exp(dt A) of the chunk's steps, per thread (written by the recompute, read back by
   /// the reverse sweep of the same thread: 4 shared-memory accesses instead of 2 x kNT
@@ -478,10 +480,12 @@ __device__ __forceinline__ void bwd_xr_sum(BwdXr<kN> const& xr, float (*dst)[2 *
 /// Walks the time tiles [t_begin, t_end) of batch b first to last (kReverse: last to first):
 /// each tile is staged by cp.async into one of the R = size of sm.raw buffers (the next R
 /// tiles in flight while one computes), widened by bwd_cook<kFull> (mask: what is staged),
-/// then body(tt, nt) runs on it (tt: its first step, nt: its steps).
-template <bool kFull, bool kReverse, int kN, class TS, class Smem, class Body>
+/// then body(tt, nt) runs on it (tt: its first step, nt: its steps). between(tt) runs after
+/// the barrier that ends the previous tile's body, before this tile is widened (it may read
+/// what the previous body wrote to shared memory; the next barrier follows it).
+template <bool kFull, bool kReverse, int kN, class TS, class Smem, class Body, class Between>
 __device__ __forceinline__ void bwd_walk_tiles(BwdParams<TS> const& p, Smem& sm, int b, int t_begin, int t_end,
-                                               float bias, unsigned mask, Body&& body) {
+                                               float bias, unsigned mask, Body&& body, Between&& between) {
   constexpr int T = kBwdTile;
   constexpr int R = static_cast<int>(sizeof(sm.raw) / sizeof(sm.raw[0]));
   int const n_tiles = (t_end - t_begin + T - 1) / T;
@@ -502,6 +506,7 @@ __device__ __forceinline__ void bwd_walk_tiles(BwdParams<TS> const& p, Smem& sm,
     int const nt = min(T, t_end - tt);
     __pipeline_wait_prior(R - 1);  // tile s has landed (groups s + 1 .. s + R - 1 may be in flight)
     __syncthreads();
+    between(tt);
     bwd_cook<kFull>(p, sm.raw[s % R], sm.ck, nt, bias, mask);
     __syncthreads();
     issue(s + R);  // into the buffer just widened
@@ -583,10 +588,13 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks 
       }
     };
     constexpr unsigned kAdj = kLdDelta | kLdDout | kLdZ | kLdC;
-    bwd_walk_tiles<false, true, kN>(p, sm, b, t_begin, t_end, cbias, kAdj, [&](int, int nt) {
-      if (nt == T) adj_tile(nt, std::false_type{});
-      else adj_tile(nt, std::true_type{});
-    });
+    bwd_walk_tiles<false, true, kN>(
+        p, sm, b, t_begin, t_end, cbias, kAdj,
+        [&](int, int nt) {
+          if (nt == T) adj_tile(nt, std::false_type{});
+          else adj_tile(nt, std::true_type{});
+        },
+        [](int) {});
     if (active) {
       std::int64_t const slot = (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
 #pragma unroll
@@ -639,10 +647,13 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks 
     }
   };
   constexpr unsigned kFwd = kLdU | kLdDelta | kLdB;
-  bwd_walk_tiles<false, false, kN>(p, sm, b, t_begin, t_end, cbias, kFwd, [&](int tt, int nt) {
-    if (nt == T) fwd_tile(tt, nt, std::false_type{});
-    else fwd_tile(tt, nt, std::true_type{});
-  });
+  bwd_walk_tiles<false, false, kN>(
+      p, sm, b, t_begin, t_end, cbias, kFwd,
+      [&](int tt, int nt) {
+        if (nt == T) fwd_tile(tt, nt, std::false_type{});
+        else fwd_tile(tt, nt, std::true_type{});
+      },
+      [](int) {});
   if (p.n_seg > 1 && active) {
     std::int64_t const slot = (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
     if (sg + 1 < p.n_seg) {
@@ -744,7 +755,6 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
   };
   fetch_ck((t_end - 1) / K);
 
-  int par = 0;
   // One chunk of `len` steps at tile row kb (tile at time tt). kG: len may be < K.
   auto chunk = [&](int tt, int kb, int len, auto guarded) {
     constexpr bool kG = decltype(guarded)::value;
@@ -805,7 +815,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
         bwd_xr_put<kN>(sm.xr[warp], k & 1, lane, vC);
         if ((k & 1) || (kG && k + 1 == len)) {  // a pair staged (or the ragged chunk's last step)
           __syncwarp();
-          bwd_xr_sum<kN>(sm.xr[warp], &sm.red[par][warp][k & ~1], kN, lane);
+          bwd_xr_sum<kN>(sm.xr[warp], &sm.red[warp][kb + (k & ~1)], kN, lane);
           __syncwarp();
         }
       }
@@ -853,35 +863,43 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
         bwd_xr_put<kN>(sm.xr[warp], k & 1, lane, vB);
         if ((k & 1) == 0) {  // steps k, k + 1 staged (a ragged chunk's k + 1 is never read)
           __syncwarp();
-          bwd_xr_sum<kN>(sm.xr[warp], &sm.red[par][warp][k], 0, lane);
+          bwd_xr_sum<kN>(sm.xr[warp], &sm.red[warp][kb + k], 0, lane);
           __syncwarp();
         }
       }
     }
-    __syncthreads();
-    // The block's partial rows of dB / dC for this chunk (warps summed in order).
-    float* dst = p.bc + ((static_cast<std::int64_t>(blockIdx.x) * a.batch + b) * L + tt + kb) * (2 * kN);
-    for (int i = tid; i < len * 2 * kN; i += kBwdThreads) {
+  };
+  // The block's partial rows of dB / dC for the tile at tt (nt steps): warps summed in order.
+  // Runs between the next tile's barriers (or after a final one), not once per chunk.
+  auto flush = [&](int ptt, int pnt) {
+    float* dst = p.bc + ((static_cast<std::int64_t>(blockIdx.x) * a.batch + b) * L + ptt) * (2 * kN);
+    for (int i = tid; i < pnt * 2 * kN; i += kBwdThreads) {
       int const k = i / (2 * kN), jj = i - k * (2 * kN);
-      float s = sm.red[par][0][k][jj];
+      float s = sm.red[0][k][jj];
 #pragma unroll
-      for (int w = 1; w < kBwdWarps; ++w) s += sm.red[par][w][k][jj];
+      for (int w = 1; w < kBwdWarps; ++w) s += sm.red[w][k][jj];
       dst[i] = s;
     }
-    par ^= 1;  // the next chunk writes the other buffer; this one is rewritten after a barrier
   };
 
   constexpr unsigned kAll = kLdU | kLdDelta | kLdDout | kLdZ | kLdB | kLdC;
-  bwd_walk_tiles<true, true, kN>(p, sm, b, t_begin, t_end, cbias, kAll, [&](int tt, int nt) {
+  bwd_walk_tiles<true, true, kN>(
+      p, sm, b, t_begin, t_end, cbias, kAll,
+      [&](int tt, int nt) {
 #pragma unroll 1
-    for (int hh = T / K - 1; hh >= 0; --hh) {
-      int const kb = hh * K;
-      if (kb >= nt) continue;  // block-uniform
-      int const len = min(K, nt - kb);
-      if (len == K) chunk(tt, kb, K, std::false_type{});
-      else chunk(tt, kb, len, std::true_type{});
-    }
-  });
+        for (int hh = T / K - 1; hh >= 0; --hh) {
+          int const kb = hh * K;
+          if (kb >= nt) continue;  // block-uniform
+          int const len = min(K, nt - kb);
+          if (len == K) chunk(tt, kb, K, std::false_type{});
+          else chunk(tt, kb, len, std::true_type{});
+        }
+      },
+      [&](int tt) {  // the previous tile (walked last to first: the one after tt)
+        if (tt + T < t_end) flush(tt + T, min(T, t_end - (tt + T)));
+      });
+  __syncthreads();
+  flush(t_begin, min(T, t_end - t_begin));  // the last tile walked
   if (!active) return;
   if (a.dinitial_state && sg == 0) {
 #pragma unroll
