@@ -13,6 +13,7 @@
 #include "cuda_scan_runner.cuh"
 #include "cuda_test_util.hpp"
 #include "scan_cases.hpp"
+#include "split_reduce_policy.cuh"
 
 #include <cstdint>
 
@@ -77,6 +78,20 @@ TEST_CASE("CUDA Chunked agrees with Sequential", "[cuda][scan]") {
   mbtest::check_policies_agree<scan::Chunked<1000>, Seq>(Runner{}, c, 400);
 }
 
+TEST_CASE("CUDA scan: the reduce pass cut into sub-chunks (Auto's reduce split)", "[cuda][scan][small]") {
+  REQUIRE_GPU();
+  using S64x2 = mbtest::SplitReduce<64, 2>;
+  using S64x4 = mbtest::SplitReduce<64, 4>;
+  using S48x3 = mbtest::SplitReduce<48, 3>;  // sub-chunks of 16 steps: one tile each
+  mbtest::forward_suite<S64x2, S64x4, S48x3>(Runner{}, mbtest::odd_shape_cases(), 1);
+  mbtest::forward_suite<S64x2, S48x3>(Runner{}, mbtest::length_sweep_cases(), 600);
+  mbtest::resume_suite<S64x4>(Runner{}, 700);
+  mbtest::ScanCase c;
+  c.batch = 2; c.length = 4099; c.d_inner = 384; c.d_state = 16; c.dt_rank = 64;
+  mbtest::check_policies_agree<mbtest::SplitReduce<1024, 4>, Seq>(Runner{}, c, 400);
+  mbtest::check_policies_agree<mbtest::SplitReduce<1024, 4>, scan::Chunked<1024>>(Runner{}, c, 401);
+}
+
 TEST_CASE("CUDA scan argument checks and the Auto rule", "[cuda][scan][small]") {
   ssm::SelectiveScanArguments<float> a;
   a.batch = 1; a.length = 4; a.d_inner = 8; a.d_state = 65;
@@ -103,6 +118,14 @@ TEST_CASE("CUDA scan argument checks and the Auto rule", "[cuda][scan][small]") 
   int const chunk = ssm::resolve_auto_cuda(1, 65536, 2048, 396);
   CHECK(chunk % 64 == 0);
   CHECK(chunk >= 256);
+  // The reduce split (wave 528 = 132 SMs x 4): only when the reduce pass's blocks fill at most
+  // half the wave, as many sub-chunks as fit, each whole tiles and >= 256 steps.
+  CHECK(ssm::resolve_auto_reduce_split(16, 2048, 1536, 1024, 528) == 2);  // 192 reduce blocks
+  CHECK(ssm::resolve_auto_reduce_split(8, 8192, 2048, 2048, 528) == 1);   // 384 reduce blocks
+  CHECK(ssm::resolve_auto_reduce_split(2, 8192, 2048, 4096, 528) == 16);  // 32 blocks, 256-step sub-chunks
+  CHECK(ssm::resolve_auto_reduce_split(1, 4096, 128, 1024, 528) == 4);    // limited by the 256-step minimum
+  CHECK(ssm::resolve_auto_reduce_split(16, 2048, 1536, 0, 528) == 1);     // one chunk
+  CHECK(ssm::resolve_auto_reduce_split(16, 2048, 1536, 2048, 528) == 1);
 }
 
 TEST_CASE("CUDA scan: empty batch or length is a no-op", "[cuda][scan][small]") {

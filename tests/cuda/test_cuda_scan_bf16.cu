@@ -25,6 +25,7 @@
 #include "cuda_scan_runner.cuh"
 #include "cuda_test_util.hpp"
 #include "scan_cases.hpp"
+#include "split_reduce_policy.cuh"
 
 #include <cstdint>
 #include <type_traits>
@@ -77,6 +78,12 @@ TEST_CASE("bf16 CUDA scan: the CPU tests' shapes and the length sweep (L 1..257,
   REQUIRE_GPU();
   mbtest::forward_suite<Seq, Ch16, Ch64, scan::Auto>(Runner{}, mbtest::classic_forward_cases(), 500);
   mbtest::forward_suite<Seq, Ch16, Ch64, scan::Auto>(Runner{}, mbtest::length_sweep_cases(), 600);
+}
+
+TEST_CASE("bf16 CUDA scan: the reduce pass cut into sub-chunks (Auto's reduce split)", "[cuda][scan][bf16][small]") {
+  REQUIRE_GPU();
+  mbtest::forward_suite<mbtest::SplitReduce<64, 2>, mbtest::SplitReduce<48, 3>>(Runner{}, mbtest::odd_shape_cases(), 1);
+  mbtest::resume_suite<mbtest::SplitReduce<64, 4>>(Runner{}, 700);
 }
 
 TEST_CASE("bf16 CUDA scan resumed from a carried state equals one long scan", "[cuda][scan][bf16][small]") {

@@ -609,14 +609,16 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads) carry_chunks(ScanParams<TS> co
 
 }  // namespace kernel
 
-/// Workspace of a chunked run: per (batch, chunk, state, channel) one state, then per
-/// (batch, chunk, channel) one delta sum.
+/// Workspace of a chunked run: per (batch, reduce slot, state, channel) one state, then per
+/// (batch, reduce slot, channel) one delta sum. Reduce slots: the reduce pass's sub-chunks
+/// (reduce_split per chunk, over every chunk but the last) plus one for the last chunk.
 inline std::size_t chunked_workspace_bytes(int batch, int length, int d_inner, int d_state,
-                                           int chunk_len) {
+                                           int chunk_len, int reduce_split = 1) {
   if (batch <= 0 || length <= 0) return 0;
   std::size_t const chunks = (static_cast<std::size_t>(length) + chunk_len - 1) / chunk_len;
   if (chunks <= 1) return 0;
-  return static_cast<std::size_t>(batch) * chunks * d_inner * (d_state + 1) * sizeof(float);
+  std::size_t const slots = (chunks - 1) * static_cast<std::size_t>(std::max(1, reduce_split)) + 1;
+  return static_cast<std::size_t>(batch) * slots * d_inner * (d_state + 1) * sizeof(float);
 }
 
 template <int kN, bool kExact, int kSplit, Mode kMode, class TS = float>
@@ -638,10 +640,13 @@ void launch_scan(ScanParams<TS> const& p, dim3 grid, cudaStream_t stream) {
 }
 
 /// chunk_len >= length: one chunk (no workspace). split_single: threads per channel for that
-/// single-chunk launch (kExact only; 1 or kSplitSequential).
+/// single-chunk launch (kExact only; 1 or kSplitSequential). reduce_split: the reduce pass
+/// cuts every chunk (but the last) into this many sub-chunks (chunk_len a multiple of it), so
+/// that its blocks fill the SMs when the chunks alone do not; the carry pass then chains the
+/// sub-chunks and the write pass reads every reduce_split-th carried state.
 template <int kN, bool kExact, class TS>
 void run_impl(MixedScanArguments<TS> const& a, int chunk_len, void* ws, bool split_single,
-              cudaStream_t stream) {
+              int reduce_split, cudaStream_t stream) {
   int const blocks_d = (a.d_inner + kThreads - 1) / kThreads;
   int const n_chunks = (a.length + chunk_len - 1) / chunk_len;
   require(a.batch <= 65535 && n_chunks <= 65535, "selective scan (CUDA): batch ", a.batch,
@@ -672,34 +677,42 @@ void run_impl(MixedScanArguments<TS> const& a, int chunk_len, void* ws, bool spl
     return;
   }
   require(ws != nullptr, "selective scan (CUDA, chunked): null workspace");
-  p.chunk_len = chunk_len;
-  p.n_chunks = n_chunks;
+  int const m = std::max(1, reduce_split);
+  require(chunk_len % m == 0, "selective scan (CUDA, chunked): chunk length ", chunk_len,
+          " not a multiple of the reduce split ", m);
+  int const nr = (n_chunks - 1) * m + 1;  // reduce sub-chunks, plus the last chunk's slot
+  require(nr <= 65535, "selective scan (CUDA): reduce sub-chunk count ", nr, " exceeds 65535");
+  p.chunk_len = chunk_len / m;
+  p.n_chunks = nr;
   // Workspace states, channel-innermost so that a warp's accesses are coalesced.
-  StateView slots{static_cast<float*>(ws), n_chunks * DN, DN, 1, a.d_inner};
-  p.dsum = static_cast<float*>(ws) + static_cast<std::size_t>(a.batch) * n_chunks * DN;
+  StateView slots{static_cast<float*>(ws), nr * DN, DN, 1, a.d_inner};
+  p.dsum = static_cast<float*>(ws) + static_cast<std::size_t>(a.batch) * nr * DN;
   p.h_out = slots;
-  launch_scan<kN, kExact, 1, Mode::kReduce>(p, dim3(blocks_d, n_chunks - 1, a.batch), stream);
+  launch_scan<kN, kExact, 1, Mode::kReduce>(p, dim3(blocks_d, nr - 1, a.batch), stream);
   kernel::carry_chunks<kN, TS><<<dim3(blocks_d, 1, a.batch), kThreads, 0, stream>>>(p);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
-  p.h_in = slots;
+  p.chunk_len = chunk_len;
+  p.n_chunks = n_chunks;
+  p.h_in = StateView{slots.p, slots.sb, m * DN, slots.sd, slots.sn};  // chunk c enters at sub-chunk c m
   p.h_out = fin;
   launch_scan<kN, kExact, 1, Mode::kWrite>(p, dim3(blocks_d, n_chunks, a.batch), stream);
 }
 
 /// Runs the scan for float or bf16 storage (MixedScanArguments<float> is the float scan).
 template <class TS>
-void run(MixedScanArguments<TS> const& a, int chunk_len, void* ws, bool split_single, Cuda const& be) {
+void run(MixedScanArguments<TS> const& a, int chunk_len, void* ws, bool split_single, Cuda const& be,
+         int reduce_split = 1) {
   static_assert(is_scan_storage_v<TS>, "CUDA scan storage: float or __nv_bfloat16");
   ScopedDevice guard(be.device);
   if (a.d_state == 16)
-    run_impl<16, true>(a, chunk_len, ws, split_single, be.stream);  // the model's d_state
+    run_impl<16, true>(a, chunk_len, ws, split_single, reduce_split, be.stream);  // the model's d_state
   else
-    run_impl<kMaxState, false>(a, chunk_len, ws, false, be.stream);
+    run_impl<kMaxState, false>(a, chunk_len, ws, false, reduce_split, be.stream);
 }
 
 inline void run(ssm::SelectiveScanArguments<float> const& a, int chunk_len, void* ws,
-                bool split_single, Cuda const& be) {
-  run(to_mixed(a), chunk_len, ws, split_single, be);
+                bool split_single, Cuda const& be, int reduce_split = 1) {
+  run(to_mixed(a), chunk_len, ws, split_single, be, reduce_split);
 }
 
 /// Resident blocks per SM of the chunked scans' write kernel (their occupancy limit), for
@@ -753,6 +766,22 @@ inline int resolve_auto_cuda(int batch, int length, int d_inner, int wave) {
   long chunk = (length + chunks - 1) / chunks;
   chunk = std::max(256L, (chunk + 63) / 64 * 64);
   return chunk >= length ? 0 : static_cast<int>(chunk);
+}
+
+/// Auto's reduce split for a chunked run of `chunk_len` (see scan_detail::run_impl): when the
+/// reduce pass's (chunks - 1) x channel-blocks blocks fill less than half a wave, it cuts each
+/// chunk into as many sub-chunks as fit in the wave (sub-chunks of whole tiles, >= 256 steps).
+/// Its time is one sweep of a sub-chunk at the same low occupancy: latency-bound, so shorter
+/// sweeps are proportionally faster. 1 = no split.
+inline int resolve_auto_reduce_split(int batch, int length, int d_inner, int chunk_len, int wave) {
+  namespace sd = backend::cuda::scan_detail;
+  if (chunk_len <= 0 || chunk_len >= length) return 1;
+  long const blocks = static_cast<long>(batch) * ((d_inner + sd::kThreads - 1) / sd::kThreads);
+  long const reduce_blocks = ((length + chunk_len - 1) / chunk_len - 1) * blocks;
+  if (reduce_blocks <= 0 || 2 * reduce_blocks > wave) return 1;
+  for (long m = wave / reduce_blocks; m > 1; --m)
+    if (chunk_len % m == 0 && (chunk_len / m) % sd::kTileT == 0 && chunk_len / m >= 256) return static_cast<int>(m);
+  return 1;
 }
 
 /// Common part of the CUDA specialisations: TS = float (Arguments = SelectiveScanArguments<float>)
@@ -824,18 +853,25 @@ struct SelectiveScan<backend::Cuda, TS, scan::Auto, std::enable_if_t<backend::cu
   using Base = CudaSelectiveScanBase<SelectiveScan, TS>;
   using typename Base::Arguments;
   using Base::run;
+  static int wave(Arguments const& a, backend::Cuda const& be) {
+    namespace sd = backend::cuda::scan_detail;
+    return sd::sm_count(be.device) * sd::chunk_blocks_per_sm<TS>(a.d_state, be.device);
+  }
   /// Chunk length Auto uses for these arguments (0: Sequential).
   static int choose(Arguments const& a, backend::Cuda const& be) {
     if (a.batch <= 0 || a.length <= 0) return 0;
-    namespace sd = backend::cuda::scan_detail;
-    return resolve_auto_cuda(a.batch, a.length, a.d_inner,
-                             sd::sm_count(be.device) * sd::chunk_blocks_per_sm<TS>(a.d_state, be.device));
+    return resolve_auto_cuda(a.batch, a.length, a.d_inner, wave(a, be));
+  }
+  /// Reduce split Auto uses with chunk length `chunk` (1: none).
+  static int reduce_split(Arguments const& a, int chunk, backend::Cuda const& be) {
+    if (chunk == 0) return 1;
+    return resolve_auto_reduce_split(a.batch, a.length, a.d_inner, chunk, wave(a, be));
   }
   static std::size_t workspace_bytes(Arguments const& a, backend::Cuda const& be) {
     int const chunk = choose(a, be);
     return chunk == 0 ? 0
                       : backend::cuda::scan_detail::chunked_workspace_bytes(
-                            a.batch, a.length, a.d_inner, a.d_state, chunk);
+                            a.batch, a.length, a.d_inner, a.d_state, chunk, reduce_split(a, chunk, be));
   }
   static void run(Arguments const& a, void* ws, backend::Cuda const& be) {
     Base::check(a);
@@ -843,7 +879,7 @@ struct SelectiveScan<backend::Cuda, TS, scan::Auto, std::enable_if_t<backend::cu
     int const chunk = choose(a, be);
     // One chunk here means the channel blocks fill the SMs: no split (fewer instructions).
     backend::cuda::scan_detail::run(backend::cuda::to_mixed(a), chunk == 0 ? a.length : chunk, ws,
-                                    /*split_single=*/false, be);
+                                    /*split_single=*/false, be, reduce_split(a, chunk, be));
   }
 };
 

@@ -534,7 +534,7 @@ __device__ __forceinline__ float* ck_slot(BwdParams<TS> const& p, int b, int c, 
 /// alongside the forward ones, so every block of the pass does one sweep of one segment.
 /// Full tiles run unguarded straight-line code; only a ragged last tile takes the guarded copy.
 template <int kN, bool kExact, class TS = float>
-MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kLocalMinBlocks : 2) bwd_local(BwdParams<TS> const p) {
+MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2 ? 8 : kLocalMinBlocks) : 2) bwd_local(BwdParams<TS> const p) {
   constexpr int T = kBwdTile;
   constexpr int kNT = kN / kBwdSplit;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -953,53 +953,37 @@ MAMBABYTE_KERNEL void bwd_reduce_params(BwdParams<TS> const p) {
   else if (a.ddelta_bias) a.ddelta_bias[dch] += s;
 }
 
-/// Time-parallel runs, pass 1b (a thread per (batch, channel)): carries across segments.
+/// Time-parallel runs, pass 1b (a thread per (batch, state, channel): the recurrences of
+/// different states are independent, and this keeps enough loads in flight for a chain of
+/// 2 x segments dependent steps): carries across segments.
 /// On exit Hs[s] = state entering segment s (0 for segment 0, whose local pass started from
 /// initial_state), Qs[s] = adjoint carry entering it from its end.
-template <int kN, class TS = float>
+template <class TS = float>
 MAMBABYTE_KERNEL void __launch_bounds__(128) bwd_seg_carry(BwdParams<TS> const p) {
   auto const& a = p.a;
   int const N = a.d_state;
-  int const d = blockIdx.x * blockDim.x + threadIdx.x;
-  int const b = blockIdx.z;
-  if (d >= a.d_inner) return;
-  constexpr float kLog2e = 1.4426950408889634f;
   std::int64_t const sN = static_cast<std::int64_t>(a.d_inner) * N;
-  float A2[kN], run[kN];
-#pragma unroll
-  for (int n = 0; n < kN; ++n) {
-    A2[n] = n < N ? a.A[static_cast<std::int64_t>(d) * N + n] * kLog2e : 0.f;
-    run[n] = 0.f;
-  }
-  auto slot = [&](float* base, int sg, int n) -> float& {
-    return base[(static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + static_cast<std::int64_t>(n) * a.d_inner + d];
-  };
+  std::int64_t const i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // n * d_inner + d
+  if (i >= sN) return;
+  int const n = static_cast<int>(i / a.d_inner), d = static_cast<int>(i - static_cast<std::int64_t>(n) * a.d_inner);
+  int const b = blockIdx.z;
+  constexpr float kLog2e = 1.4426950408889634f;
+  float const A2 = a.A[static_cast<std::int64_t>(d) * N + n] * kLog2e;
+  std::int64_t const base = static_cast<std::int64_t>(b) * p.n_seg;
+  auto dsum = [&](int sg) { return p.dsum[(base + sg) * a.d_inner + d]; };
+  float run = 0.f;
   for (int sg = 0; sg < p.n_seg; ++sg) {
-    float const ds = p.dsum[(static_cast<std::int64_t>(b) * p.n_seg + sg) * a.d_inner + d];
-#pragma unroll
-    for (int n = 0; n < kN; ++n) {
-      if (n < N) {
-        float& sl = slot(p.Hs, sg, n);
-        float const local = sg + 1 < p.n_seg ? sl : 0.f;
-        sl = run[n];
-        run[n] = fmaf(ex2_approx(ds * A2[n]), run[n], local);
-      }
-    }
+    float& sl = p.Hs[(base + sg) * sN + i];
+    float const local = sg + 1 < p.n_seg ? sl : 0.f;
+    sl = run;
+    run = fmaf(ex2_approx(dsum(sg) * A2), run, local);
   }
-#pragma unroll
-  for (int n = 0; n < kN; ++n)
-    run[n] = (n < N && a.dfinal_state) ? a.dfinal_state[b * sN + static_cast<std::int64_t>(d) * N + n] : 0.f;
+  run = a.dfinal_state ? a.dfinal_state[b * sN + static_cast<std::int64_t>(d) * N + n] : 0.f;
   for (int sg = p.n_seg - 1; sg >= 0; --sg) {
-    float const ds = p.dsum[(static_cast<std::int64_t>(b) * p.n_seg + sg) * a.d_inner + d];
-#pragma unroll
-    for (int n = 0; n < kN; ++n) {
-      if (n < N) {
-        float& sl = slot(p.Qs, sg, n);
-        float const local = sg > 0 ? sl : 0.f;
-        sl = run[n];
-        run[n] = fmaf(ex2_approx(ds * A2[n]), run[n], local);
-      }
-    }
+    float& sl = p.Qs[(base + sg) * sN + i];
+    float const local = sg > 0 ? sl : 0.f;
+    sl = run;
+    run = fmaf(ex2_approx(dsum(sg) * A2), run, local);
   }
 }
 
@@ -1082,7 +1066,8 @@ void run_impl(BwdParams<TS>& p, cudaStream_t stream) {
   prepare_local_kernel<kN, kExact, TS>()<<<local_grid, kBwdThreads, sizeof(BwdLocalSmem<kN, TS>), stream>>>(p);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
   if (p.n_seg > 1) {
-    kernel::bwd_seg_carry<kN, TS><<<dim3((a.d_inner + 127) / 128, 1, a.batch), 128, 0, stream>>>(p);
+    std::int64_t const sN = static_cast<std::int64_t>(a.d_inner) * a.d_state;
+    kernel::bwd_seg_carry<TS><<<dim3(static_cast<unsigned>((sN + 127) / 128), 1, a.batch), 128, 0, stream>>>(p);
     MAMBABYTE_CUDA_CHECK(cudaGetLastError());
   }
   prepare_scan_kernel<kN, kExact, TS>()<<<grid, kBwdThreads, sizeof(BwdScanSmem<kN, TS>), stream>>>(p);
