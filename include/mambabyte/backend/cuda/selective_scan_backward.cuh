@@ -954,10 +954,13 @@ MAMBABYTE_KERNEL void bwd_reduce_params(BwdParams<TS> const p) {
 }
 
 /// Time-parallel runs, pass 1b (a thread per (batch, state, channel): the recurrences of
-/// different states are independent, and this keeps enough loads in flight for a chain of
-/// 2 x segments dependent steps): carries across segments.
+/// different states are independent): carries across segments. The segments' values are
+/// loaded kSegBatch at a time before any is used, so that a chain of 2 x segments steps waits
+/// for about 2 x segments / kSegBatch memory latencies, not one per step.
 /// On exit Hs[s] = state entering segment s (0 for segment 0, whose local pass started from
 /// initial_state), Qs[s] = adjoint carry entering it from its end.
+inline constexpr int kSegBatch = 8;
+
 template <class TS = float>
 MAMBABYTE_KERNEL void __launch_bounds__(128) bwd_seg_carry(BwdParams<TS> const p) {
   auto const& a = p.a;
@@ -967,23 +970,49 @@ MAMBABYTE_KERNEL void __launch_bounds__(128) bwd_seg_carry(BwdParams<TS> const p
   if (i >= sN) return;
   int const n = static_cast<int>(i / a.d_inner), d = static_cast<int>(i - static_cast<std::int64_t>(n) * a.d_inner);
   int const b = blockIdx.z;
+  int const S = p.n_seg;
   constexpr float kLog2e = 1.4426950408889634f;
   float const A2 = a.A[static_cast<std::int64_t>(d) * N + n] * kLog2e;
-  std::int64_t const base = static_cast<std::int64_t>(b) * p.n_seg;
-  auto dsum = [&](int sg) { return p.dsum[(base + sg) * a.d_inner + d]; };
+  std::int64_t const base = static_cast<std::int64_t>(b) * S;
+  float const* const dsum = p.dsum + base * a.d_inner + d;  // segment sg at dsum[sg * d_inner]
+  // Forward: Hs[sg] (local end state from zero, none for the last) -> state entering sg.
   float run = 0.f;
-  for (int sg = 0; sg < p.n_seg; ++sg) {
-    float& sl = p.Hs[(base + sg) * sN + i];
-    float const local = sg + 1 < p.n_seg ? sl : 0.f;
-    sl = run;
-    run = fmaf(ex2_approx(dsum(sg) * A2), run, local);
+  for (int s0 = 0; s0 < S; s0 += kSegBatch) {
+    float loc[kSegBatch], dec[kSegBatch];
+#pragma unroll
+    for (int j = 0; j < kSegBatch; ++j) {
+      int const sg = s0 + j;
+      loc[j] = sg + 1 < S ? p.Hs[(base + sg) * sN + i] : 0.f;
+      dec[j] = sg < S ? dsum[static_cast<std::int64_t>(sg) * a.d_inner] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kSegBatch; ++j) {
+      int const sg = s0 + j;
+      if (sg < S) {
+        p.Hs[(base + sg) * sN + i] = run;
+        run = fmaf(ex2_approx(dec[j] * A2), run, loc[j]);
+      }
+    }
   }
+  // Backward: Qs[sg] (local adjoint at the segment start from zero, none for segment 0) ->
+  // adjoint carry entering sg from its end.
   run = a.dfinal_state ? a.dfinal_state[b * sN + static_cast<std::int64_t>(d) * N + n] : 0.f;
-  for (int sg = p.n_seg - 1; sg >= 0; --sg) {
-    float& sl = p.Qs[(base + sg) * sN + i];
-    float const local = sg > 0 ? sl : 0.f;
-    sl = run;
-    run = fmaf(ex2_approx(dsum(sg) * A2), run, local);
+  for (int s1 = S - 1; s1 >= 0; s1 -= kSegBatch) {
+    float loc[kSegBatch], dec[kSegBatch];
+#pragma unroll
+    for (int j = 0; j < kSegBatch; ++j) {
+      int const sg = s1 - j;
+      loc[j] = sg > 0 ? p.Qs[(base + sg) * sN + i] : 0.f;
+      dec[j] = sg >= 0 ? dsum[static_cast<std::int64_t>(sg) * a.d_inner] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kSegBatch; ++j) {
+      int const sg = s1 - j;
+      if (sg >= 0) {
+        p.Qs[(base + sg) * sN + i] = run;
+        run = fmaf(ex2_approx(dec[j] * A2), run, loc[j]);
+      }
+    }
   }
 }
 
