@@ -5,7 +5,8 @@
 # on each set of $SCAN_SETS, variants interleaved set by set, then (SAN=1) compute-sanitizer
 # memcheck and racecheck on the [small] backward cases, then (NCU=1) Nsight Compute's duration,
 # instruction count and occupancy of the backward kernels at the first shape for each variant.
-# Binaries prebuilt here and carried in $BIN. Logs under $OUT (or /tmp).
+# Binaries prebuilt here and carried in $BIN. Logs under $OUT (or /tmp). A set must not be empty
+# (read -a drops a trailing empty field): the fp32 forward is "--dtype fp32".
 set -u
 BIN=${BIN:-build-devslim}
 O=${OUT:-/tmp}

@@ -477,6 +477,20 @@ __device__ __forceinline__ void bwd_xr_sum(BwdXr<kN> const& xr, float (*dst)[2 *
   if (g == 0) *reinterpret_cast<float4*>(&dst[k2][off + 4 * Q]) = s;
 }
 
+/// f(i, row[i]) for i < kNT: the kNT floats of `row` (16-byte aligned) read as float4 (a
+/// broadcast when the warp's threads read the same row).
+template <int kNT, class F>
+__device__ __forceinline__ void each_state(float const* row, F&& f) {
+  float4 const* r4 = reinterpret_cast<float4 const*>(row);
+#pragma unroll
+  for (int q = 0; q < kNT / 4; ++q) {
+    float4 const v = r4[q];
+    float const v4[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f(4 * q + e, v4[e]);
+  }
+}
+
 /// Walks the time tiles [t_begin, t_end) of batch b first to last (kReverse: last to first):
 /// each tile is staged by cp.async into one of the R = size of sm.raw buffers (the next R
 /// tiles in flight while one computes), widened by bwd_cook<kFull> (mask: what is staged),
@@ -573,17 +587,8 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
         if (!kG || k < nt) {
           float const dt = sm.ck.dt[k][ch];
           float const dy = sm.ck.dy[k][ch];
-          float4 const* C4 = reinterpret_cast<float4 const*>(&sm.ck.bc[k][kN + n0]);
-#pragma unroll
-          for (int q = 0; q < kNT / 4; ++q) {
-            float4 const Cq = C4[q];
-            float const Cv[4] = {Cq.x, Cq.y, Cq.z, Cq.w};
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              int const i = 4 * q + e;
-              h[i] = ex2_approx(dt * A2[i]) * fmaf(Cv[e], dy, h[i]);
-            }
-          }
+          each_state<kNT>(&sm.ck.bc[k][kN + n0],
+                          [&](int i, float C) { h[i] = ex2_approx(dt * A2[i]) * fmaf(C, dy, h[i]); });
         }
       }
     };
@@ -631,17 +636,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
         }
         float const dt = sm.ck.dt[k][ch];
         float const dtu = dt * sm.ck.u[k][ch];
-        float4 const* B4 = reinterpret_cast<float4 const*>(&sm.ck.bc[k][n0]);
-#pragma unroll
-        for (int q = 0; q < kNT / 4; ++q) {
-          float4 const Bq = B4[q];
-          float const Bv[4] = {Bq.x, Bq.y, Bq.z, Bq.w};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            int const i = 4 * q + e;
-            h[i] = fmaf(ex2_approx(dt * A2[i]), h[i], dtu * Bv[e]);
-          }
-        }
+        each_state<kNT>(&sm.ck.bc[k][n0], [&](int i, float B) { h[i] = fmaf(ex2_approx(dt * A2[i]), h[i], dtu * B); });
         dsum += dt;
       }
     }
