@@ -205,8 +205,11 @@ inline constexpr int kBwdChunk = 4;                       ///< checkpoint interv
 inline constexpr int kBwdTile = 2 * kBwdChunk;            ///< steps per staged tile
 inline constexpr int kBwdMaxState = 32;                   ///< largest d_state supported
 /// Occupancy bounds given to ptxas (resident blocks per SM): the local pass needs few
-/// registers; the scan keeps K x d_state/2 recomputed states per thread in registers.
+/// registers (80 for fp32 storage: 6 blocks, which its shared memory also allows; 64 for bf16,
+/// whose smaller staged tiles let 8 fit); the scan keeps K x d_state/2 recomputed states per
+/// thread in registers.
 inline constexpr int kLocalMinBlocks = 6;
+inline constexpr int kLocalMinBlocksBf16 = 8;
 inline constexpr int kScanMinBlocks = 4;
 
 template <class TS = float>
@@ -548,7 +551,8 @@ __device__ __forceinline__ float* ck_slot(BwdParams<TS> const& p, int b, int c, 
 /// alongside the forward ones, so every block of the pass does one sweep of one segment.
 /// Full tiles run unguarded straight-line code; only a ragged last tile takes the guarded copy.
 template <int kN, bool kExact, class TS = float>
-MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2 ? 8 : kLocalMinBlocks) : 2) bwd_local(BwdParams<TS> const p) {
+MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2 ? kLocalMinBlocksBf16 : kLocalMinBlocks) : 2)
+    bwd_local(BwdParams<TS> const p) {
   constexpr int T = kBwdTile;
   constexpr int kNT = kN / kBwdSplit;
   extern __shared__ __align__(16) unsigned char smem_raw[];
