@@ -769,7 +769,7 @@ inline int resolve_auto_cuda(int batch, int length, int d_inner, int wave) {
 }
 
 /// Auto's reduce split for a chunked run of `chunk_len` (see scan_detail::run_impl): when the
-/// reduce pass's (chunks - 1) x channel-blocks blocks fill less than half a wave, it cuts each
+/// reduce pass's (chunks - 1) x channel-blocks blocks fill at most half a wave, it cuts each
 /// chunk into as many sub-chunks as fit in the wave (sub-chunks of whole tiles, >= 256 steps).
 /// Its time is one sweep of a sub-chunk at the same low occupancy: latency-bound, so shorter
 /// sweeps are proportionally faster. 1 = no split.
@@ -853,33 +853,34 @@ struct SelectiveScan<backend::Cuda, TS, scan::Auto, std::enable_if_t<backend::cu
   using Base = CudaSelectiveScanBase<SelectiveScan, TS>;
   using typename Base::Arguments;
   using Base::run;
-  static int wave(Arguments const& a, backend::Cuda const& be) {
+  /// Auto's choice for these arguments: chunk length (0: Sequential) and reduce split.
+  struct Plan {
+    int chunk = 0, split = 1;
+  };
+  static Plan plan(Arguments const& a, backend::Cuda const& be) {
+    if (a.batch <= 0 || a.length <= 0) return {};
     namespace sd = backend::cuda::scan_detail;
-    return sd::sm_count(be.device) * sd::chunk_blocks_per_sm<TS>(a.d_state, be.device);
+    int const wave = sd::sm_count(be.device) * sd::chunk_blocks_per_sm<TS>(a.d_state, be.device);
+    Plan p;
+    p.chunk = resolve_auto_cuda(a.batch, a.length, a.d_inner, wave);
+    if (p.chunk != 0) p.split = resolve_auto_reduce_split(a.batch, a.length, a.d_inner, p.chunk, wave);
+    return p;
   }
   /// Chunk length Auto uses for these arguments (0: Sequential).
-  static int choose(Arguments const& a, backend::Cuda const& be) {
-    if (a.batch <= 0 || a.length <= 0) return 0;
-    return resolve_auto_cuda(a.batch, a.length, a.d_inner, wave(a, be));
-  }
-  /// Reduce split Auto uses with chunk length `chunk` (1: none).
-  static int reduce_split(Arguments const& a, int chunk, backend::Cuda const& be) {
-    if (chunk == 0) return 1;
-    return resolve_auto_reduce_split(a.batch, a.length, a.d_inner, chunk, wave(a, be));
-  }
+  static int choose(Arguments const& a, backend::Cuda const& be) { return plan(a, be).chunk; }
   static std::size_t workspace_bytes(Arguments const& a, backend::Cuda const& be) {
-    int const chunk = choose(a, be);
-    return chunk == 0 ? 0
-                      : backend::cuda::scan_detail::chunked_workspace_bytes(
-                            a.batch, a.length, a.d_inner, a.d_state, chunk, reduce_split(a, chunk, be));
+    Plan const p = plan(a, be);
+    return p.chunk == 0 ? 0
+                        : backend::cuda::scan_detail::chunked_workspace_bytes(a.batch, a.length, a.d_inner,
+                                                                              a.d_state, p.chunk, p.split);
   }
   static void run(Arguments const& a, void* ws, backend::Cuda const& be) {
     Base::check(a);
     if (a.batch == 0 || a.length == 0) return;
-    int const chunk = choose(a, be);
+    Plan const p = plan(a, be);
     // One chunk here means the channel blocks fill the SMs: no split (fewer instructions).
-    backend::cuda::scan_detail::run(backend::cuda::to_mixed(a), chunk == 0 ? a.length : chunk, ws,
-                                    /*split_single=*/false, be, reduce_split(a, chunk, be));
+    backend::cuda::scan_detail::run(backend::cuda::to_mixed(a), p.chunk == 0 ? a.length : p.chunk, ws,
+                                    /*split_single=*/false, be, p.split);
   }
 };
 
