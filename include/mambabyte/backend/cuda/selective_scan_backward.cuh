@@ -21,8 +21,10 @@
  *      widened once per block (softplus, sigmoid, dy = dout silu(z) per (step, channel)); per
  *      chunk: the entering state (checkpoint, corrected by the segment's entering state), a
  *      forward recompute keeping h_{t-1} in registers and a_t = exp(dt A) in shared memory
- *      (writing dz and out), then the reverse sweep g_t = C_t dy_t + a_{t+1} g_{t+1} (writing
- *      du and ddelta) accumulating dA, dD, ddelta_bias per thread. dB_t / dC_t (sums over
+ *      (computing dz and out), then the reverse sweep g_t = C_t dy_t + a_{t+1} g_{t+1}
+ *      (computing du and ddelta) accumulating dA, dD, ddelta_bias per thread. The four outputs
+ *      are staged in place in the widened tile and written as rows of 4-element vectors when
+ *      the next tile is widened (by the thread that widens those slots). dB_t / dC_t (sums over
  *      channels): per warp through shared memory two steps at a time (bwd_xr_put /
  *      bwd_xr_sum), the block's warps summed in order into one partial row per channel block.
  *      Full chunks run unguarded straight-line code.
@@ -228,6 +230,7 @@ struct BwdParams {
   float* dsum = nullptr;   ///< [batch][n_seg][d_inner]: sum of deltas per segment
   bool vec_x = false;      ///< u, delta, dout, z rows 16-byte aligned: 16-byte cp.async
   bool vec_bc = false;     ///< B, C rows 16-byte aligned: 16-byte cp.async
+  bool vec_out = false;    ///< dz, out, du, ddelta rows aligned to kBwdGroup elements: vector stores
 };
 
 inline int state_cap(int d_state) { return d_state <= 16 ? 16 : 32; }
@@ -247,6 +250,7 @@ struct alignas(16) BwdRaw {
 /// channel) and the B_t, C_t rows (what the local pass uses).
 template <int kN>
 struct alignas(16) BwdCookedLocal {
+  float bias[kBwdCh];  ///< delta_bias of the block's channels (0 past d_inner or without a bias)
   float dt[kBwdTile][kBwdCh];
   float u[kBwdTile][kBwdCh];
   float dy[kBwdTile][kBwdCh];
@@ -330,6 +334,50 @@ __device__ __forceinline__ void bwd_copy_cols(TS (&dst)[kBwdTile][kBwdCh], TS co
   }
 }
 
+/// The widened tile is cooked, and the scan pass's outputs flushed, in groups of kBwdGroup
+/// consecutive columns of one row, group i = (i / kBwdGroupsPerRow, its column block) handled by
+/// thread i: a thread flushing the outputs of a tile reads exactly the slots it widens next,
+/// so the flush needs no barrier before the next tile is widened.
+inline constexpr int kBwdGroup = 4;
+inline constexpr int kBwdGroupsPerRow = kBwdCh / kBwdGroup;
+static_assert(kBwdTile * kBwdGroupsPerRow == kBwdThreads, "a group per thread per tile");
+
+/// kBwdGroup consecutive TS at p (aligned to kBwdGroup elements) widened to float.
+template <class TS>
+__device__ __forceinline__ float4 load4_f(TS const* p) {
+  if constexpr (std::is_same_v<TS, float>) {
+    return *reinterpret_cast<float4 const*>(p);
+  } else {
+    uint2 const w = *reinterpret_cast<uint2 const*>(p);
+    float2 const lo = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 const*>(&w.x));
+    float2 const hi = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 const*>(&w.y));
+    return make_float4(lo.x, lo.y, hi.x, hi.y);
+  }
+}
+
+/// Stores row k, columns [c, c + kBwdGroup) of the staged float tile `src` as TS at dst (the
+/// tensor's row k, column c), the first `valid` of them only. vec: one kBwdGroup-element store
+/// (dst aligned to it).
+template <class TS>
+__device__ __forceinline__ void bwd_store_group(TS* dst, float const (&src)[kBwdTile][kBwdCh], int k, int c, int valid,
+                                                bool vec) {
+  float4 const v = *reinterpret_cast<float4 const*>(&src[k][c]);
+  if (vec && valid >= kBwdGroup) {
+    if constexpr (std::is_same_v<TS, float>) {
+      *reinterpret_cast<float4*>(dst) = v;
+    } else {
+      __nv_bfloat162 const lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+      *reinterpret_cast<uint2*>(dst) =
+          make_uint2(*reinterpret_cast<unsigned const*>(&lo), *reinterpret_cast<unsigned const*>(&hi));
+    }
+  } else {
+    float const e[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < kBwdGroup; ++j)
+      if (j < valid) dst[j] = from_f<TS>(e[j]);
+  }
+}
+
 /// The same for a half row of B or C (d_state <= kN entries, the rest zero) into dst[k][0..kN).
 template <int kN, class TS>
 __device__ __forceinline__ void bwd_copy_state_rows(TS (&dst)[kBwdTile][2 * kN], int off, TS const* src,
@@ -387,31 +435,48 @@ __device__ __forceinline__ void bwd_issue(BwdParams<TS> const& p, BwdRaw<kN, TS>
 /// silu and dsc (the scan pass).
 template <bool kFull, int kN, class TS, class Cooked>
 __device__ __forceinline__ void bwd_cook(BwdParams<TS> const& p, BwdRaw<kN, TS> const& st, Cooked& ck, int nt,
-                                         float bias, unsigned mask) {
+                                         unsigned mask) {
   auto const& a = p.a;
   int const tid = threadIdx.x;
-  int const col = tid % kBwdCh;
   bool const has_z = a.z != nullptr;
   bool const sp = a.delta_softplus;
-  for (int k = tid / kBwdCh; k < nt; k += kBwdThreads / kBwdCh) {
-    float const v = to_f(st.x[1][k][col]) + bias;
-    ck.dt[k][col] = sp ? softplus_fast(v) : v;
-    if (mask & kLdU) ck.u[k][col] = to_f(st.x[0][k][col]);
+  int const k = tid / kBwdGroupsPerRow, c = (tid % kBwdGroupsPerRow) * kBwdGroup;
+  if (k < nt) {
+    auto put = [](float (&row)[kBwdCh], int col, float4 v) { *reinterpret_cast<float4*>(&row[col]) = v; };
+    float4 const bias = *reinterpret_cast<float4 const*>(&ck.bias[c]);
+    float4 const v4 = load4_f(&st.x[1][k][c]);
+    float const v[4] = {v4.x + bias.x, v4.y + bias.y, v4.z + bias.z, v4.w + bias.w};
+    float dt[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) dt[j] = sp ? softplus_fast(v[j]) : v[j];
+    put(ck.dt[k], c, make_float4(dt[0], dt[1], dt[2], dt[3]));
+    if (mask & kLdU) put(ck.u[k], c, load4_f(&st.x[0][k][c]));
     if (mask & kLdDout) {
-      float const dout = to_f(st.x[2][k][col]);
-      float dy = dout, silu = 1.f, dzf = 0.f;
-      if (has_z) {
-        float const zz = to_f(st.x[3][k][col]);
-        float const sig = sigmoid_fast(zz);
-        silu = zz * sig;
-        dy = dout * silu;
-        dzf = dout * sig * (1.f + zz * (1.f - sig));
+      float4 const o4 = load4_f(&st.x[2][k][c]);
+      float const dout[4] = {o4.x, o4.y, o4.z, o4.w};
+      float dy[4], silu[4], dzf[4];
+      float4 const z4 = has_z ? load4_f(&st.x[3][k][c]) : make_float4(0.f, 0.f, 0.f, 0.f);
+      float const zz[4] = {z4.x, z4.y, z4.z, z4.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        dy[j] = dout[j];
+        silu[j] = 1.f;
+        dzf[j] = 0.f;
+        if (has_z) {
+          float const sig = sigmoid_fast(zz[j]);
+          silu[j] = zz[j] * sig;
+          dy[j] = dout[j] * silu[j];
+          dzf[j] = dout[j] * sig * (1.f + zz[j] * (1.f - sig));
+        }
       }
-      ck.dy[k][col] = dy;
+      put(ck.dy[k], c, make_float4(dy[0], dy[1], dy[2], dy[3]));
       if constexpr (kFull) {
-        ck.dzf[k][col] = dzf;
-        ck.silu[k][col] = silu;
-        ck.dsc[k][col] = (sp && v <= 20.f) ? sigmoid_fast(v) : 1.f;
+        put(ck.dzf[k], c, make_float4(dzf[0], dzf[1], dzf[2], dzf[3]));
+        put(ck.silu[k], c, make_float4(silu[0], silu[1], silu[2], silu[3]));
+        float dsc[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) dsc[j] = (sp && v[j] <= 20.f) ? sigmoid_fast(v[j]) : 1.f;
+        put(ck.dsc[k], c, make_float4(dsc[0], dsc[1], dsc[2], dsc[3]));
       }
     }
   }
@@ -446,13 +511,27 @@ __device__ __forceinline__ void bwd_xr_put(BwdXr<kN>& xr, int k2, int lane, floa
     row[xr_slot(sub * (kV / 4) + j, c)] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
 }
 
-/// Sums both staged steps over the warp's 16 channels: dst[k2][off + n] = sum over channels of
-/// state n of step k2, for k2 in {0, 1} (dst: two rows of 2 kN floats, 16-byte aligned). Lane
+/// Where lane `lane` of bwd_xr_sum puts its sum: `offset` floats into the destination pair of
+/// rows (row k2, quad Q), when `store` (channel group 0; the other groups hold the same sums).
+struct XrOut {
+  int offset;
+  bool store;
+};
+template <int kN>
+__device__ __forceinline__ XrOut bwd_xr_out(int lane) {
+  constexpr int QS = kN / 4;
+  int const rem = lane & 15;
+  return {(lane >> 4) * 2 * kN + 4 * ((rem >> 1) & (QS - 1)), ((rem >> 1) / QS) * 2 + (rem & 1) == 0};
+}
+
+/// Sums both staged steps over the warp's 16 channels: dst[k2 2 kN + n] = sum over channels of
+/// state n of step k2, for k2 in {0, 1} (dst: two rows of 2 kN floats, 16-byte aligned, already
+/// advanced by bwd_xr_out(lane).offset: the caller adds it once). Lane
 /// (k2 = lane / 16) sums quad Q over its channel group g, channels visited in a rotated order
 /// (conflict-free); the group sums meet by shuffles; group 0 stores. The warp's lanes must all
 /// call it (shuffles); fixed summation order: bitwise deterministic.
 template <int kN>
-__device__ __forceinline__ void bwd_xr_sum(BwdXr<kN> const& xr, float (*dst)[2 * kN], int off, int lane) {
+__device__ __forceinline__ void bwd_xr_sum(BwdXr<kN> const& xr, float* dst, XrOut o, int lane) {
   constexpr int QS = kN / 4;      // quads per row
   constexpr int LPQ = 16 / QS;    // lanes per quad: 4 (kN 16) or 2 (kN 32)
   constexpr int CPL = kWarpCh / LPQ;  // channels per lane
@@ -478,7 +557,7 @@ __device__ __forceinline__ void bwd_xr_sum(BwdXr<kN> const& xr, float (*dst)[2 *
   };
   meet(1);
   if constexpr (LPQ == 4) meet(8);
-  if (g == 0) *reinterpret_cast<float4*>(&dst[k2][off + 4 * Q]) = s;
+  if (o.store) *reinterpret_cast<float4*>(dst) = s;
 }
 
 /// f(i, row[i]) for i < kNT: the kNT floats of `row` (16-byte aligned) read as float4 (a
@@ -503,7 +582,7 @@ __device__ __forceinline__ void each_state(float const* row, F&& f) {
 /// what the previous body wrote to shared memory; the next barrier follows it).
 template <bool kFull, bool kReverse, int kN, class TS, class Smem, class Body, class Between>
 __device__ __forceinline__ void bwd_walk_tiles(BwdParams<TS> const& p, Smem& sm, int b, int t_begin, int t_end,
-                                               float bias, unsigned mask, Body&& body, Between&& between) {
+                                               unsigned mask, Body&& body, Between&& between) {
   constexpr int T = kBwdTile;
   constexpr int R = static_cast<int>(sizeof(sm.raw) / sizeof(sm.raw[0]));
   int const n_tiles = (t_end - t_begin + T - 1) / T;
@@ -525,7 +604,7 @@ __device__ __forceinline__ void bwd_walk_tiles(BwdParams<TS> const& p, Smem& sm,
     __pipeline_wait_prior(R - 1);  // tile s has landed (groups s + 1 .. s + R - 1 may be in flight)
     __syncthreads();
     between(tt);
-    bwd_cook<kFull>(p, sm.raw[s % R], sm.ck, nt, bias, mask);
+    bwd_cook<kFull>(p, sm.raw[s % R], sm.ck, nt, mask);
     __syncthreads();
     issue(s + R);  // into the buffer just widened
     body(tt, nt);
@@ -571,8 +650,10 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
   std::int64_t const sN = static_cast<std::int64_t>(a.d_inner) * N;
   int const t_begin = sg * p.seg_chunks * kBwdChunk;
   int const t_end = min(a.length, t_begin + p.seg_chunks * kBwdChunk);
-  int const colc = min(blockIdx.x * kBwdCh + tid % kBwdCh, a.d_inner - 1);  // cook column's channel
-  float const cbias = a.delta_bias ? a.delta_bias[colc] : 0.f;
+  if (tid < kBwdCh) {  // read by bwd_cook after the walk's first barrier
+    int const col = blockIdx.x * kBwdCh + tid;
+    sm.ck.bias[tid] = (a.delta_bias && col < a.d_inner) ? a.delta_bias[col] : 0.f;
+  }
 
   float A2[kNT], h[kNT];
 #pragma unroll
@@ -599,7 +680,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
     };
     constexpr unsigned kAdj = kLdDelta | kLdDout | kLdZ | kLdC;
     bwd_walk_tiles<false, true, kN>(
-        p, sm, b, t_begin, t_end, cbias, kAdj,
+        p, sm, b, t_begin, t_end, kAdj,
         [&](int, int nt) {
           if (nt == T) adj_tile(nt, std::false_type{});
           else adj_tile(nt, std::true_type{});
@@ -648,7 +729,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
   };
   constexpr unsigned kFwd = kLdU | kLdDelta | kLdB;
   bwd_walk_tiles<false, false, kN>(
-      p, sm, b, t_begin, t_end, cbias, kFwd,
+      p, sm, b, t_begin, t_end, kFwd,
       [&](int tt, int nt) {
         if (nt == T) fwd_tile(tt, nt, std::false_type{});
         else fwd_tile(tt, nt, std::true_type{});
@@ -673,8 +754,13 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
 /// and reduces dC_t, then the reverse sweep g_t = C_t dy_t + a_{t+1} g_{t+1} writing du,
 /// ddelta and reducing dB_t, with dA, dD, ddelta_bias accumulated per thread. dB / dC: summed
 /// over the warp's 16 channels in shared memory (bwd_xr_put / bwd_xr_sum, every second step),
-/// then the block's 4 warps summed in order into one partial row per block. The two threads of a channel split the stores: the first writes
-/// dz and du, the second out and ddelta. Full chunks run unguarded straight-line code.
+/// then the block's 4 warps summed in order into one partial row per block. The two threads of
+/// a channel split the outputs: the first computes dz and du, the second out and ddelta; each
+/// goes into a slot of the widened tile that no other thread reads, and flush_out writes the
+/// tile's outputs as rows (vector stores) before the next tile is widened: about 17
+/// instructions of 64-bit addressing per store left the chunk's straight-line code (1037 -> 884
+/// instructions per chunk and thread for bf16, d_state 16). Full chunks run unguarded
+/// straight-line code.
 template <int kN, bool kExact, class TS = float>
 MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks : 2) bwd_scan(BwdParams<TS> const p) {
   constexpr int K = kBwdChunk;
@@ -698,8 +784,10 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
   int const t_begin = sg * p.seg_chunks * K;
   int const t_end = min(L, t_begin + p.seg_chunks * K);
   int const c_first = t_begin / K;
-  int const colc = min(blockIdx.x * kBwdCh + tid % kBwdCh, a.d_inner - 1);
-  float const cbias = a.delta_bias ? a.delta_bias[colc] : 0.f;
+  if (tid < kBwdCh) {  // read by bwd_cook after the walk's first barrier
+    int const col = blockIdx.x * kBwdCh + tid;
+    sm.ck.bias[tid] = (a.delta_bias && col < a.d_inner) ? a.delta_bias[col] : 0.f;
+  }
   bool const corr = sg > 0;  // segment 0's checkpoints hold the true states
 
   // G: adjoint carry; Hs: the state entering the segment (added to each checkpoint, decayed)
@@ -720,14 +808,14 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
   float const Dd = a.D ? a.D[dc] : 0.f;
   float dD = 0.f, dbias = 0.f;
 
-  // This thread's output streams: the first thread of a channel writes dz (recompute) and du
-  // (reverse), the second out and ddelta; f1 is the factor of its recompute output.
-  TS* const o1 = sub == 0 ? a.dz : a.out;
-  std::int64_t const ld1 = sub == 0 ? a.ld_dz : a.ld_out;
-  TS* const o2 = sub == 0 ? a.du : a.ddelta;
-  std::int64_t const ld2 = sub == 0 ? a.ld_du : a.ld_ddelta;
-  bool const w1 = active && o1 != nullptr;
-  float const (*const f1)[kBwdCh] = sub == 0 ? sm.ck.dzf : sm.ck.silu;
+  // This thread's outputs, staged in place in the widened tile (flush_out writes them out as
+  // whole rows): the first thread of a channel computes dz (recompute: y dzf, into dzf) and du
+  // (reverse: into u, after the warp barrier that follows every read of u), the second out
+  // (y silu, into silu) and ddelta (into dsc). Each slot written is read by no other thread.
+  float(*const f1)[kBwdCh] = sub == 0 ? sm.ck.dzf : sm.ck.silu;
+  float(*const o2s)[kBwdCh] = reinterpret_cast<float(*)[kBwdCh]>(sub == 0 ? &sm.ck.u[0][ch] : &sm.ck.dsc[0][ch]);
+  XrOut const xo = bwd_xr_out<kN>(lane);
+  float* const red_lane = &sm.red[warp][0][0] + xo.offset;
 
   // Checkpoint of chunk c (and its delta sum) into registers, issued one chunk ahead.
   float hn[kNT], cumn = 0.f;
@@ -773,7 +861,6 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
       }
     }
     if (c > c_first) fetch_ck(c - 1);
-    std::int64_t const row = row0 + tt + kb;
 
     // Forward recompute: h_{t-1} kept, a_t to shared memory, dz / out written, dC_t reduced.
     float hp[K][kNT];
@@ -811,16 +898,18 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
         float y = y0 + y1;
         y += __shfl_xor_sync(0xffffffffu, y, 1);
         y = fmaf(Dd, u, y);
-        if (w1) o1[(row + k) * ld1 + d] = from_f<TS>(y * f1[kk][ch]);
+        f1[kk][ch] *= y;
         bwd_xr_put<kN>(sm.xr[warp], k & 1, lane, vC);
         if ((k & 1) || (kG && k + 1 == len)) {  // a pair staged (or the ragged chunk's last step)
           __syncwarp();
-          bwd_xr_sum<kN>(sm.xr[warp], &sm.red[warp][kb + (k & ~1)], kN, lane);
+          bwd_xr_sum<kN>(sm.xr[warp], red_lane + (kb + (k & ~1)) * 2 * kN + kN, xo, lane);
           __syncwarp();
         }
       }
     }
-    // Reverse sweep over the chunk.
+    // Reverse sweep over the chunk. du of an odd step waits in duk for the warp barrier after
+    // the next (even) step.
+    float duk = 0.f;
 #pragma unroll
     for (int k = K - 1; k >= 0; --k) {
       if (!kG || k < len) {
@@ -856,15 +945,24 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
         float gB = gB0 + gB1, gAh = gA0 + gA1;
         gB += __shfl_xor_sync(0xffffffffu, gB, 1);
         gAh += __shfl_xor_sync(0xffffffffu, gAh, 1);
-        float const dd = fmaf(u, gB, gAh * kLn2) * sm.ck.dsc[kk][ch];
-        if (active) o2[(row + k) * ld2 + d] = from_f<TS>(sub == 0 ? fmaf(dt, gB, Dd * dy) : dd);
+        // Both threads compute both (no branch); o2s: the second thread's dsc slot, which the
+        // first does not read (its own u slot stands in).
+        float const du = fmaf(dt, gB, Dd * dy);
+        float const dd = fmaf(u, gB, gAh * kLn2) * o2s[kk][0];
+        if (sub != 0) o2s[kk][0] = dd;
+        dbias += dd;  // meaningful in the second thread, which writes it
         dD = fmaf(dy, u, dD);
-        dbias += dd;
         bwd_xr_put<kN>(sm.xr[warp], k & 1, lane, vB);
         if ((k & 1) == 0) {  // steps k, k + 1 staged (a ragged chunk's k + 1 is never read)
           __syncwarp();
-          bwd_xr_sum<kN>(sm.xr[warp], &sm.red[warp][kb + k], 0, lane);
+          if (sub == 0) {  // every lane has read u of steps k, k + 1
+            sm.ck.u[kk][ch] = du;
+            if (!kG || k + 1 < len) sm.ck.u[kk + 1][ch] = duk;
+          }
+          bwd_xr_sum<kN>(sm.xr[warp], red_lane + (kb + k) * 2 * kN, xo, lane);
           __syncwarp();
+        } else {
+          duk = du;
         }
       }
     }
@@ -882,9 +980,23 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
     }
   };
 
+  // The staged outputs of the tile at ptt (pnt steps), this thread's group of them (the slots
+  // bwd_cook widens next); runs where flush does.
+  auto flush_out = [&](int ptt, int pnt) {
+    int const k = tid / kBwdGroupsPerRow, c = (tid % kBwdGroupsPerRow) * kBwdGroup;
+    int const col = blockIdx.x * kBwdCh + c;
+    int const valid = a.d_inner - col;
+    if (k >= pnt || valid <= 0) return;
+    std::int64_t const r = row0 + ptt + k;
+    if (a.dz) bwd_store_group(a.dz + r * a.ld_dz + col, sm.ck.dzf, k, c, valid, p.vec_out);
+    if (a.out) bwd_store_group(a.out + r * a.ld_out + col, sm.ck.silu, k, c, valid, p.vec_out);
+    bwd_store_group(a.du + r * a.ld_du + col, sm.ck.u, k, c, valid, p.vec_out);
+    bwd_store_group(a.ddelta + r * a.ld_ddelta + col, sm.ck.dsc, k, c, valid, p.vec_out);
+  };
+
   constexpr unsigned kAll = kLdU | kLdDelta | kLdDout | kLdZ | kLdB | kLdC;
   bwd_walk_tiles<true, true, kN>(
-      p, sm, b, t_begin, t_end, cbias, kAll,
+      p, sm, b, t_begin, t_end, kAll,
       [&](int tt, int nt) {
 #pragma unroll 1
         for (int hh = T / K - 1; hh >= 0; --hh) {
@@ -896,10 +1008,14 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
         }
       },
       [&](int tt) {  // the previous tile (walked last to first: the one after tt)
-        if (tt + T < t_end) flush(tt + T, min(T, t_end - (tt + T)));
+        if (tt + T < t_end) {
+          flush(tt + T, min(T, t_end - (tt + T)));
+          flush_out(tt + T, min(T, t_end - (tt + T)));
+        }
       });
   __syncthreads();
   flush(t_begin, min(T, t_end - t_begin));  // the last tile walked
+  flush_out(t_begin, min(T, t_end - t_begin));
   if (!active) return;
   if (a.dinitial_state && sg == 0) {
 #pragma unroll
@@ -910,10 +1026,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
 #pragma unroll
   for (int i = 0; i < kNT; ++i)
     if (n0 + i < N) pr[n0 + i] = dA[i];
-  if (sub == 0) {
-    pr[N] = dD;
-    pr[N + 1] = dbias;
-  }
+  pr[N + sub] = sub == 0 ? dD : dbias;  // the second thread of a channel summed ddelta_bias
 }
 
 /// Pass 3: dB / dC rows = sum of the channel blocks' partials (block order). A thread per
@@ -1148,6 +1261,12 @@ void run(MixedScanBackwardArguments<TS> const& a, int seg_chunks, void* ws, Cuda
   p.vec_x = rows_aligned16(a.u, a.ld_u) && rows_aligned16(a.delta, a.ld_delta) &&
             rows_aligned16(a.dout, a.ld_dout) && rows_aligned16(a.z, a.ld_z);
   p.vec_bc = rows_aligned16(a.B, a.ld_B) && rows_aligned16(a.C, a.ld_C);
+  auto rows_aligned4 = [](TS const* q, std::int64_t ld) {  // rows start on kBwdGroup-element boundaries
+    constexpr std::size_t g = kBwdGroup * sizeof(TS);
+    return q == nullptr || (reinterpret_cast<std::uintptr_t>(q) % g == 0 && (ld * sizeof(TS)) % g == 0);
+  };
+  p.vec_out = rows_aligned4(a.dz, a.ld_dz) && rows_aligned4(a.out, a.ld_out) && rows_aligned4(a.du, a.ld_du) &&
+              rows_aligned4(a.ddelta, a.ld_ddelta);
   if (a.d_state == 16) run_impl<16, true>(p, be.stream);
   else if (a.d_state < 16) run_impl<16, false>(p, be.stream);
   else run_impl<32, false>(p, be.stream);
