@@ -170,6 +170,9 @@ inline constexpr int kSplitSequential = 2;
 /// Resident 128-thread blocks per SM asked of ptxas for the d_state 16 path (128 registers a
 /// thread: 16 warps per SM; without it ptxas took 130-140 and 3 blocks fit).
 inline constexpr int kScanMinBlocks = 4;
+/// The same for the two-threads-per-channel kernel (256 threads, scan::Sequential's single
+/// chunk): 3 blocks (85 registers; its tile runs in halves).
+inline constexpr int kScanMinBlocksSplit = 3;
 
 /// Where a state array lives: element (b, chunk c, channel d, state n) at
 /// p[b*sb + c*sc + d*sd + n*sn]. p == nullptr means "zero" (as input) / "not wanted" (output).
@@ -244,16 +247,25 @@ struct alignas(16) Stage {
   alignas(16) TS bc[kTileT][2 * kN];  // B_t[0..N) then C_t[0..N); rows 16-byte aligned
 };
 
-/// bf16 only: the current tile's B, C rows converted to float (one copy, after both stages).
+/// bf16 only: the current tile's B, C rows converted to float, one copy per warp (after the
+/// stages): each warp widens the rows it reads, so the widening needs no block barrier.
 template <int kN>
 struct alignas(16) BcFloat {
   float bc[kTileT][2 * kN];
 };
 
-/// Dynamic shared memory of scan_chunk: two stages (+ the float B/C rows for bf16).
-template <int kN, class TS>
+/// Stages of scan_chunk's tile pipeline: with three (bf16), the stage a tile refills was last
+/// read two tiles earlier, so one block barrier per tile (the one that makes the landed tile
+/// visible) also frees it; float keeps two (three would not fit 4 blocks per SM), also with one
+/// barrier per tile but the next tile's copies issued after it.
+template <class TS>
+inline constexpr int kScanStages = std::is_same_v<TS, float> ? 2 : 3;
+
+/// Dynamic shared memory of scan_chunk: the stages (+ the per-warp float B/C rows for bf16).
+template <int kN, class TS, int kSplit = 1>
 constexpr std::size_t scan_smem_bytes() {
-  return 2 * sizeof(Stage<kN, TS>) + (std::is_same_v<TS, float> ? 0 : sizeof(BcFloat<kN>));
+  return kScanStages<TS> * sizeof(Stage<kN, TS>) +
+         (std::is_same_v<TS, float> ? 0 : (kThreads * kSplit / 32) * sizeof(BcFloat<kN>));
 }
 
 namespace kernel {
@@ -266,16 +278,19 @@ namespace kernel {
 ///  on zeros, and only stores are masked; registers across the whole tile.
 ///  !kExact (kSplit 1): d_state <= kN with guards, the plain step loop.
 template <int kN, bool kExact, int kSplit, Mode kMode, class TS = float>
-MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? kScanMinBlocks / kSplit : 1) scan_chunk(ScanParams<TS> const p) {
+MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1 ? kScanMinBlocks : kScanMinBlocksSplit) : 1)
+    scan_chunk(ScanParams<TS> const p) {
   static_assert(kExact || kSplit == 1, "the general path has one thread per channel");
   static_assert(kN % (4 * kSplit) == 0, "each thread holds whole float4 groups of states");
   constexpr bool kFloat = std::is_same_v<TS, float>;
   constexpr int kNT = kN / kSplit;  // states per thread
   constexpr int kBlock = kThreads * kSplit;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr int kStages = kScanStages<TS>;
   auto* stages = reinterpret_cast<Stage<kN, TS>*>(smem_raw);
-  // bf16: the current tile's B / C rows as float (unused for float storage).
-  [[maybe_unused]] auto* bcf = reinterpret_cast<BcFloat<kN>*>(smem_raw + 2 * sizeof(Stage<kN, TS>));
+  // bf16: this warp's copy of the current tile's B / C rows as float (unused for float storage).
+  [[maybe_unused]] auto* bcf =
+      reinterpret_cast<BcFloat<kN>*>(smem_raw + kStages * sizeof(Stage<kN, TS>)) + threadIdx.x / 32;
 
   auto const& a = p.a;
   int const N = kExact ? kN : a.d_state;  // kExact: the guards fold away
@@ -420,64 +435,111 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? kScanMinBloc
     else return bcf->bc[k];
   };
 
-  // kExact path, one tile. kGuarded: a partial tile (steps >= nt skipped).
+  // kExact path, one tile (kSplit 2: in halves of kH steps, fewer live registers). kGuarded: a partial
+  // tile (steps >= nt skipped). kSplit 2: the two threads of a channel hold half the states
+  // each and share the per-(step, channel) work: each widens dt (softplus) for alternate steps
+  // and swaps it with its partner, and each gates and stores alternate steps' outputs, so that
+  // a channel's step costs the exponentials of one thread, not two.
   auto tile_exact = [&](Stage<kN, TS> const& st, int t, auto guarded) {
     constexpr bool kGuarded = decltype(guarded)::value;
+    constexpr int kH = kSplit == 1 ? kTileT : kTileT / 2;  // halves for the 80-register kernel
+    static_assert(kSplit == 1 || kSplit == 2, "one or two threads per channel");
     int const nt = min(kTileT, t1 - t);
-    float dtv[kTileT], uv[kTileT];
+#pragma unroll 1
+    for (int h0 = 0; h0 < kTileT; h0 += kH) {
+      if (kGuarded && h0 >= nt) break;
+      float dtv[kH], uv[kH];
+      if constexpr (kSplit == 1) {
 #pragma unroll
-    for (int k = 0; k < kTileT; ++k) {
-      if (!kGuarded || k < nt) {
-        float dt = to_f(st.dt[k][ch]) + bias;
-        if (a.delta_softplus) dt = softplus_fast(dt);
-        dtv[k] = dt;
-        uv[k] = to_f(st.u[k][ch]);
-      }
-    }
-    float yv[kTileT];
-#pragma unroll
-    for (int k = 0; k < kTileT; ++k) {
-      if (!kGuarded || k < nt) {
-        float const du = dtv[k] * uv[k];
-        float y0 = 0.f, y1 = 0.f;
-        // B_t, C_t: the same for every thread (broadcast), read 16 bytes at a time.
-        float4 const* bc4 = reinterpret_cast<float4 const*>(bc_row(st, k) + n0);
-#pragma unroll
-        for (int q = 0; q < kNT / 4; ++q) {
-          float4 const B4 = bc4[q];
-          float const Bq[4] = {B4.x, B4.y, B4.z, B4.w};
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            int const i = 4 * q + j;
-            h[i] = fmaf(ex2_approx(dtv[k] * A2[i]), h[i], du * Bq[j]);
-          }
-          if constexpr (kMode == Mode::kWrite) {
-            float4 const C4 = bc4[kN / 4 + q];
-            y0 = fmaf(h[4 * q + 0], C4.x, y0);
-            y1 = fmaf(h[4 * q + 1], C4.y, y1);
-            y0 = fmaf(h[4 * q + 2], C4.z, y0);
-            y1 = fmaf(h[4 * q + 3], C4.w, y1);
+        for (int k = 0; k < kH; ++k) {
+          if (!kGuarded || h0 + k < nt) {
+            float dt = to_f(st.dt[h0 + k][ch]) + bias;
+            if (a.delta_softplus) dt = softplus_fast(dt);
+            dtv[k] = dt;
           }
         }
-        yv[k] = y0 + y1;
-        if constexpr (kMode == Mode::kReduce) dsum += dtv[k];
+      } else {
+#pragma unroll
+        for (int j = 0; j < kH / 2; ++j) {
+          // this thread widens step 2j + sub (a row past nt in a partial tile holds stale,
+          // finite-or-not values that are never used)
+          float dt = to_f(st.dt[h0 + 2 * j + sub][ch]) + bias;
+          if (a.delta_softplus) dt = softplus_fast(dt);
+          float const other = __shfl_xor_sync(0xffffffffu, dt, 1);
+          dtv[2 * j] = sub ? other : dt;
+          dtv[2 * j + 1] = sub ? dt : other;
+        }
       }
-    }
-    if constexpr (kMode == Mode::kWrite) {
-      TS* po = a.out + (row0 + t) * a.ld_out + d;
+      float yv[kH];
 #pragma unroll
-      for (int k = 0; k < kTileT; ++k) {
-        if (!kGuarded || k < nt) {
-          float y = yv[k];
+      for (int k = 0; k < kH; ++k) {
+        if constexpr (kSplit == 1) {
+          if (!kGuarded || h0 + k < nt) uv[k] = to_f(st.u[h0 + k][ch]);
+        } else {  // the output swap below reads every step's u and y (rows past nt: stale, unused)
+          uv[k] = to_f(st.u[h0 + k][ch]);
+          yv[k] = 0.f;
+        }
+      }
 #pragma unroll
-          for (int m = 1; m < kSplit; m <<= 1) y += __shfl_xor_sync(0xffffffffu, y, m);
-          y = fmaf(Dd, uv[k], y);
-          if (has_z) {
-            float const zz = to_f(st.z[k][ch]);
-            y = __fdividef(y * zz, 1.f + __expf(-zz));
+      for (int k = 0; k < kH; ++k) {
+        if (!kGuarded || h0 + k < nt) {
+          float const du = dtv[k] * uv[k];
+          float y0 = 0.f, y1 = 0.f;
+          // B_t, C_t: the same for every thread (broadcast), read 16 bytes at a time.
+          float4 const* bc4 = reinterpret_cast<float4 const*>(bc_row(st, h0 + k) + n0);
+#pragma unroll
+          for (int q = 0; q < kNT / 4; ++q) {
+            float4 const B4 = bc4[q];
+            float const Bq[4] = {B4.x, B4.y, B4.z, B4.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              int const i = 4 * q + j;
+              h[i] = fmaf(ex2_approx(dtv[k] * A2[i]), h[i], du * Bq[j]);
+            }
+            if constexpr (kMode == Mode::kWrite) {
+              float4 const C4 = bc4[kN / 4 + q];
+              y0 = fmaf(h[4 * q + 0], C4.x, y0);
+              y1 = fmaf(h[4 * q + 1], C4.y, y1);
+              y0 = fmaf(h[4 * q + 2], C4.z, y0);
+              y1 = fmaf(h[4 * q + 3], C4.w, y1);
+            }
           }
-          if (active && sub == 0) *po = from_f<TS>(y);
-          po += a.ld_out;
+          yv[k] = y0 + y1;
+          if constexpr (kMode == Mode::kReduce) dsum += dtv[k];
+        }
+      }
+      if constexpr (kMode == Mode::kWrite) {
+        if constexpr (kSplit == 1) {
+          TS* po = a.out + (row0 + t + h0) * a.ld_out + d;
+#pragma unroll
+          for (int k = 0; k < kH; ++k) {
+            if (!kGuarded || h0 + k < nt) {
+              float y = fmaf(Dd, uv[k], yv[k]);
+              if (has_z) {
+                float const zz = to_f(st.z[h0 + k][ch]);
+                y = __fdividef(y * zz, 1.f + __expf(-zz));
+              }
+              if (active) *po = from_f<TS>(y);
+              po += a.ld_out;
+            }
+          }
+        } else {
+          // the channel's full y per step, then this thread gates and stores steps 2j + sub
+          TS* po = a.out + (row0 + t + h0 + sub) * a.ld_out + d;
+          std::int64_t const ld2 = 2 * a.ld_out;
+#pragma unroll
+          for (int j = 0; j < kH / 2; ++j) {
+            float const y0 = yv[2 * j] + __shfl_xor_sync(0xffffffffu, yv[2 * j], 1);
+            float const y1 = yv[2 * j + 1] + __shfl_xor_sync(0xffffffffu, yv[2 * j + 1], 1);
+            int const k = 2 * j + sub;
+            float y = fmaf(Dd, sub ? uv[2 * j + 1] : uv[2 * j], sub ? y1 : y0);
+            if (has_z) {
+              float const zz = to_f(st.z[h0 + k][ch]);
+              y = __fdividef(y * zz, 1.f + __expf(-zz));
+            }
+            if (active && (!kGuarded || h0 + k < nt)) *po = from_f<TS>(y);
+            po += ld2;
+          }
         }
       }
     }
@@ -516,28 +578,53 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? kScanMinBloc
     }
   };
 
-  int s = 0;
-  if (t0 < t1) issue(0, t0);
-  for (int t = t0; t < t1; t += kTileT) {
-    if (t + kTileT < t1) {
-      issue(s ^ 1, t + kTileT);
-      __pipeline_wait_prior(1);
-    } else {
-      __pipeline_wait_prior(0);
-    }
+  // Tile pipeline: tiles s + 1 .. s + kStages - 2 in flight while tile s computes; one block
+  // barrier per tile: after it tile s is visible to every thread and every thread is past tile
+  // s - 1, whose stage the copies issued next refill.
+  int const n_tiles = (t1 - t0 + kTileT - 1) / kTileT;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_tiles) issue(s, t0 + s * kTileT);
+    else __pipeline_commit();  // empty group: wait_prior counts groups
+  }
+  for (int s = 0; s < n_tiles; ++s) {
+    int const t = t0 + s * kTileT;
+    __pipeline_wait_prior(kStages - 2);  // tile s has landed (this thread's copies)
     __syncthreads();
-    Stage<kN, TS> const& st = stages[s];
+    if (int const sn = s + kStages - 1; sn < n_tiles) issue(sn % kStages, t0 + sn * kTileT);
+    else __pipeline_commit();
+    Stage<kN, TS> const& st = stages[s % kStages];
     int const nt = min(kTileT, t1 - t);
     if constexpr (!kFloat) {
-      // bf16: this tile's B / C rows to float, once for the block (the previous tile's
-      // readers are past the trailing __syncthreads of the last iteration).
-      int const per_row = (kMode == Mode::kWrite) ? 2 * N : N;
-      for (int i = tid; i < nt * per_row; i += kBlock) {
-        int const k = i / per_row, j = i - k * per_row;
-        int const cj = j < N ? j : kN + (j - N);
-        bcf->bc[k][cj] = to_f(st.bc[k][cj]);
+      // bf16: this tile's B / C rows to float, into this warp's copy (the warp read its previous
+      // copy in program order before; __syncwarp orders the lanes' writes before the reads).
+      int const lane = tid & 31;
+      if constexpr (kExact) {
+        constexpr int W = (kMode == Mode::kWrite) ? 2 * kN : kN;  // kReduce needs no C
+        constexpr int G = W / 8;                                   // 8-element groups per row
+        for (int i = lane; i < nt * G; i += 32) {
+          int const k = i / G, j = (i % G) * 8;
+          uint4 const w = *reinterpret_cast<uint4 const*>(&st.bc[k][j]);
+          unsigned const v[4] = {w.x, w.y, w.z, w.w};
+          float f[8];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            f[2 * q] = __uint_as_float(v[q] << 16);             // low bf16 of the pair
+            f[2 * q + 1] = __uint_as_float(v[q] & 0xffff0000u);  // high bf16
+          }
+          float4* dst = reinterpret_cast<float4*>(&bcf->bc[k][j]);
+          dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+          dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+        }
+      } else {
+        int const per_row = (kMode == Mode::kWrite) ? 2 * N : N;
+        for (int i = lane; i < nt * per_row; i += 32) {
+          int const k = i / per_row, j = i - k * per_row;
+          int const cj = j < N ? j : kN + (j - N);
+          bcf->bc[k][cj] = to_f(st.bc[k][cj]);
+        }
       }
-      __syncthreads();
+      __syncwarp();
     }
     if constexpr (kExact) {
       if (nt == kTileT)
@@ -547,8 +634,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? kScanMinBloc
     } else {
       if (active) tile_general(st, t, nt);
     }
-    __syncthreads();  // stage s is refilled by the next iteration's issue()
-    s ^= 1;
+    if constexpr (!kFloat) __syncwarp();  // the warp's reads of bcf before the next widening
   }
 
   if (!active) return;
@@ -568,43 +654,48 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? kScanMinBloc
   }
 }
 
-/// Phase 2 of Chunked: a thread per (batch, channel). On entry slot c (c < n_chunks-1) holds
-/// chunk c's end state from zero; on exit every slot c holds chunk c's carried-in state.
+/// Phase 2 of Chunked: a thread per (batch, state, channel) (the states' recurrences are
+/// independent; channels innermost: coalesced). On entry slot c (c < n_chunks-1) holds chunk
+/// c's end state from zero; on exit every slot c holds chunk c's carried-in state. The slots and
+/// delta sums are loaded kCarryBatch chunks at a time before any is used, so that the chain of
+/// n_chunks steps waits for about n_chunks / kCarryBatch memory latencies, not one per step (a
+/// thread per channel with its 16 states in a loop exposed one latency per state and chunk:
+/// 177 us for 32 chunks at (1, 2048, 8192)).
+inline constexpr int kCarryBatch = 8;
+
 template <int kN, class TS = float>
 MAMBABYTE_KERNEL void __launch_bounds__(kThreads) carry_chunks(ScanParams<TS> const p) {
   auto const& a = p.a;
   int const N = a.d_state;
-  int const d = blockIdx.x * kThreads + threadIdx.x;
+  std::int64_t const i = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= static_cast<std::int64_t>(N) * a.d_inner) return;
+  int const n = static_cast<int>(i / a.d_inner), d = static_cast<int>(i % a.d_inner);
   int const b = blockIdx.z;
-  if (d >= a.d_inner) return;
   constexpr float kLog2e = 1.4426950408889634f;
-  float A2[kN], carry[kN];
+  float const A2 = a.A[static_cast<std::int64_t>(d) * N + n] * kLog2e;
+  float carry = a.initial_state ? a.initial_state[(static_cast<std::int64_t>(b) * a.d_inner + d) * N + n] : 0.f;
   StateView const& ws = p.h_out;
+  float* const slot = ws.p + b * ws.sb + d * ws.sd + n * ws.sn;  // chunk c at slot[c * ws.sc]
+  float const* const dsum = p.dsum + static_cast<std::int64_t>(b) * p.n_chunks * a.d_inner + d;  // c: [c * d_inner]
+  int const last = p.n_chunks - 1;
+  for (int c0 = 0; c0 < last; c0 += kCarryBatch) {
+    float loc[kCarryBatch], ds[kCarryBatch];
 #pragma unroll
-  for (int n = 0; n < kN; ++n) {
-    A2[n] = n < N ? a.A[static_cast<std::int64_t>(d) * N + n] * kLog2e : 0.f;
-    carry[n] = (n < N && a.initial_state)
-                   ? a.initial_state[(static_cast<std::int64_t>(b) * a.d_inner + d) * N + n]
-                   : 0.f;
-  }
-  for (int c = 0; c < p.n_chunks; ++c) {
-    float* slot = ws.p + b * ws.sb + c * ws.sc + d * ws.sd;
-    if (c + 1 < p.n_chunks) {
-      float const ds = p.dsum[(static_cast<std::int64_t>(b) * p.n_chunks + c) * a.d_inner + d];
-#pragma unroll
-      for (int n = 0; n < kN; ++n) {
-        if (n < N) {
-          float const local = slot[n * ws.sn];
-          slot[n * ws.sn] = carry[n];
-          carry[n] = fmaf(ex2_approx(ds * A2[n]), carry[n], local);
-        }
+    for (int j = 0; j < kCarryBatch; ++j) {
+      if (c0 + j < last) {
+        loc[j] = slot[(c0 + j) * ws.sc];
+        ds[j] = dsum[static_cast<std::int64_t>(c0 + j) * a.d_inner];
       }
-    } else {
+    }
 #pragma unroll
-      for (int n = 0; n < kN; ++n)
-        if (n < N) slot[n * ws.sn] = carry[n];
+    for (int j = 0; j < kCarryBatch; ++j) {
+      if (c0 + j < last) {
+        slot[(c0 + j) * ws.sc] = carry;
+        carry = fmaf(ex2_approx(ds[j] * A2), carry, loc[j]);
+      }
     }
   }
+  slot[last * ws.sc] = carry;
 }
 
 }  // namespace kernel
@@ -623,7 +714,7 @@ inline std::size_t chunked_workspace_bytes(int batch, int length, int d_inner, i
 
 template <int kN, bool kExact, int kSplit, Mode kMode, class TS = float>
 auto* prepare_scan_kernel() {
-  constexpr std::size_t smem = scan_smem_bytes<kN, TS>();
+  constexpr std::size_t smem = scan_smem_bytes<kN, TS, kSplit>();
   static_assert(smem <= 227 * 1024, "stage too large");
   auto* fn = &kernel::scan_chunk<kN, kExact, kSplit, kMode, TS>;
   if constexpr (smem > 48 * 1024)
@@ -635,7 +726,7 @@ auto* prepare_scan_kernel() {
 template <int kN, bool kExact, int kSplit, Mode kMode, class TS>
 void launch_scan(ScanParams<TS> const& p, dim3 grid, cudaStream_t stream) {
   auto* fn = prepare_scan_kernel<kN, kExact, kSplit, kMode, TS>();
-  fn<<<grid, kThreads * kSplit, scan_smem_bytes<kN, TS>(), stream>>>(p);
+  fn<<<grid, kThreads * kSplit, scan_smem_bytes<kN, TS, kSplit>(), stream>>>(p);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -689,7 +780,9 @@ void run_impl(MixedScanArguments<TS> const& a, int chunk_len, void* ws, bool spl
   p.dsum = static_cast<float*>(ws) + static_cast<std::size_t>(a.batch) * nr * DN;
   p.h_out = slots;
   launch_scan<kN, kExact, 1, Mode::kReduce>(p, dim3(blocks_d, nr - 1, a.batch), stream);
-  kernel::carry_chunks<kN, TS><<<dim3(blocks_d, 1, a.batch), kThreads, 0, stream>>>(p);
+  std::int64_t const carry_threads = static_cast<std::int64_t>(a.d_state) * a.d_inner;
+  kernel::carry_chunks<kN, TS>
+      <<<dim3(static_cast<unsigned>((carry_threads + kThreads - 1) / kThreads), 1, a.batch), kThreads, 0, stream>>>(p);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
   p.chunk_len = chunk_len;
   p.n_chunks = n_chunks;
