@@ -5,9 +5,10 @@
  *  One kernel does all the scanning (kernel::scan_chunk). A block covers kThreads consecutive
  *  channels of one batch and one time chunk; each channel's d_state states live in registers
  *  (of one thread, or of kSplit adjacent threads that finish the output's dot product with a
- *  shuffle). Time runs in tiles of kTileT steps: the block copies the next tile of u, delta, z
+ *  shuffle). Time runs in tiles of kTileT steps: the block copies the next tiles of u, delta, z
  *  (warps read 32 consecutive channels of a row: coalesced) and of B_t, C_t (shared by the
- *  block) into shared memory with cp.async while it computes the current one (two stages).
+ *  block) into shared memory with cp.async while it computes the current one (kScanStages: 3
+ *  for bf16, 2 for float), one block barrier per tile.
  *  Per step, fused: delta = softplus(delta + bias) (branch-free, e^-|v| by ex2.approx:
  *  softplus_fast), h = exp(delta A) h +
  *  delta u B_t (ex2.approx with A pre-scaled by log2 e), y = <h, C_t> + D u, out = y silu(z).
@@ -15,11 +16,12 @@
  *  that the exponentials of different steps overlap.
  *
  *  - Sequential: one chunk per (batch, channel block), the whole length in time order, two
- *    threads per channel (d_state 16): the fewest exponentials; latency-bound when
+ *    threads per channel (d_state 16; the pair shares the per-(step, channel) softplus and
+ *    gate, each doing alternate steps): the fewest exponentials; latency-bound when
  *    batch x d_inner is small.
  *  - Chunked<L>: reduce-then-scan along time, as the CPU backend. Phase 1 (kReduce) scans every
  *    chunk but the last from a zero state and stores its end state and sum of deltas in the
- *    workspace; phase 2 (kernel::carry_chunks, a thread per (batch, channel)) turns those into
+ *    workspace; phase 2 (kernel::carry_chunks, a thread per (batch, state, channel)) turns those into
  *    each chunk's carried-in state (decay of a chunk = exp(A sum delta)); phase 3 (kWrite)
  *    rescans every chunk from its carried-in state and writes the outputs. About 1.9x the
  *    exponentials of Sequential, but batch x channel-blocks x chunks blocks.
@@ -46,7 +48,7 @@
  *     plain 2-byte loads (correct for any layout, slower: the loads' latency is not hidden).
  *   - B_t, C_t rows: cp.async of 16-byte groups into a bf16 copy (vec_bc: B and C 16-byte
  *     aligned, ld_B and ld_C multiples of 8; else plain loads), then converted once per tile
- *     into a float copy (one extra __syncthreads per 16 steps), so the inner loop reads them as
+ *     by every warp into its own float copy (no block barrier), so the inner loop reads them as
  *     float4 broadcasts exactly like the float scan.
  */
 #pragma once
