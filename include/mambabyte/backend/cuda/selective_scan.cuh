@@ -232,6 +232,39 @@ __device__ __forceinline__ float softplus_fast(float v) {
   return softplus_from_exp(v, ex2_approx(-fabsf(v) * kLog2e));
 }
 
+/// softplus with one special-function op: max(v, 0) + e P(e), e = e^-|v| by ex2.approx and P a
+/// degree-8 fit of log1p(e) / e on [0, 1] (relative error of the fit 3e-8, 2e-7 in float with
+/// Horner's rule; softplus_fast's series needs a reciprocal, a second MUFU op). The forward
+/// scans' per-(step, channel) delta, where the MUFU pipe is the busiest unit.
+__device__ __forceinline__ float softplus_fma(float v) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  float const e = ex2_approx(-fabsf(v) * kLog2e);
+  float p = 5.232709460e-03f;
+  p = fmaf(p, e, -2.950531244e-02f);
+  p = fmaf(p, e, 7.822609693e-02f);
+  p = fmaf(p, e, -1.366326064e-01f);
+  p = fmaf(p, e, 1.910601556e-01f);
+  p = fmaf(p, e, -2.484298497e-01f);
+  p = fmaf(p, e, 3.331909776e-01f);
+  p = fmaf(p, e, -4.999949336e-01f);
+  p = fmaf(p, e, 9.999999404e-01f);
+  return fmaf(e, p, fmaxf(v, 0.f));
+}
+
+/// y silu(z) = y z / (1 + e^-z) with one special-function op: the reciprocal by Newton's method
+/// from the exponent-bit estimate (5% -> 2.5e-3 -> 6e-6 -> ~1e-7 relative), e^-z capped at
+/// 1e30 so that 1 + e^-z stays a normal float for the estimate (the result is then ~0 either
+/// way).
+__device__ __forceinline__ float silu_gate_fma(float y, float z) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  float const d = 1.f + fminf(ex2_approx(-z * kLog2e), 1e30f);
+  float r = __int_as_float(0x7EF311C3 - __float_as_int(d));
+  r *= fmaf(-d, r, 2.f);
+  r *= fmaf(-d, r, 2.f);
+  r *= fmaf(-d, r, 2.f);
+  return y * z * r;
+}
+
 /// 1 / (1 + e^-x) by ex2.approx and __fdividef; e^-x overflowing to +inf gives 0.
 __device__ __forceinline__ float sigmoid_fast(float x) {
   constexpr float kLog2e = 1.4426950408889634f;
@@ -456,7 +489,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
         for (int k = 0; k < kH; ++k) {
           if (!kGuarded || h0 + k < nt) {
             float dt = to_f(st.dt[h0 + k][ch]) + bias;
-            if (a.delta_softplus) dt = softplus_fast(dt);
+            if (a.delta_softplus) dt = softplus_fma(dt);
             dtv[k] = dt;
           }
         }
@@ -466,7 +499,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
           // this thread widens step 2j + sub (a row past nt in a partial tile holds stale,
           // finite-or-not values that are never used)
           float dt = to_f(st.dt[h0 + 2 * j + sub][ch]) + bias;
-          if (a.delta_softplus) dt = softplus_fast(dt);
+          if (a.delta_softplus) dt = softplus_fma(dt);
           float const other = __shfl_xor_sync(0xffffffffu, dt, 1);
           dtv[2 * j] = sub ? other : dt;
           dtv[2 * j + 1] = sub ? dt : other;
@@ -519,7 +552,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
               float y = fmaf(Dd, uv[k], yv[k]);
               if (has_z) {
                 float const zz = to_f(st.z[h0 + k][ch]);
-                y = __fdividef(y * zz, 1.f + __expf(-zz));
+                y = silu_gate_fma(y, zz);
               }
               if (active) *po = from_f<TS>(y);
               po += a.ld_out;
@@ -537,7 +570,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
             float y = fmaf(Dd, sub ? uv[2 * j + 1] : uv[2 * j], sub ? y1 : y0);
             if (has_z) {
               float const zz = to_f(st.z[h0 + k][ch]);
-              y = __fdividef(y * zz, 1.f + __expf(-zz));
+              y = silu_gate_fma(y, zz);
             }
             if (active && (!kGuarded || h0 + k < nt)) *po = from_f<TS>(y);
             po += ld2;
@@ -553,7 +586,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
     for (int k = 0; k < nt; ++k) {
       float const* bck = bc_row(st, k);
       float dt = to_f(st.dt[k][ch]) + bias;
-      if (a.delta_softplus) dt = softplus_fast(dt);
+      if (a.delta_softplus) dt = softplus_fma(dt);
       float const u = to_f(st.u[k][ch]);
       float const du = dt * u;
       float y0 = 0.f, y1 = 0.f;
@@ -571,7 +604,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
         float y = y0 + y1 + Dd * u;
         if (has_z) {
           float const zz = to_f(st.z[k][ch]);
-          y = __fdividef(y * zz, 1.f + __expf(-zz));
+          y = silu_gate_fma(y, zz);
         }
         a.out[(row0 + t + k) * a.ld_out + d] = from_f<TS>(y);
       } else {
