@@ -30,8 +30,10 @@
  *   3. out_t = (y_t + D u_t) silu(z_t): y goes through shared memory so that the stores (and
  *      the loads of z) are coalesced like the loads of step 1; bf16 rounds once, at the store.
  *  final_state = the carried state after the last chunk. All arithmetic fp32 (bf16 loads
- *  widen), deltas and exponentials exactly as scan::Sequential's (softplus_fast, ex2_approx
- *  with A pre-scaled by log2 e), so the two differ only by the association of the sums.
+ *  widen), exponentials as scan::Sequential's (ex2_approx with A pre-scaled by log2 e); the
+ *  delta's softplus by softplus_fast and the gate by a division, where Sequential's and
+ *  Chunked's kernel use the one-MUFU softplus_fma / silu_gate_fma (a few ulp apart), so the
+ *  two differ by the association of the sums and those ulps (tests: 1e-5 relative in fp32).
  *
  *  Complexity per (batch, channel, state), length L, P = kAssocThreads, K = kAssocItems: work
  *  O(L) - one exponential, ~3 FMAs per step (the in-register fold, the re-walk, the output
