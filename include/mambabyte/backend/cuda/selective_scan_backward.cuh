@@ -430,9 +430,10 @@ __device__ __forceinline__ void bwd_issue(BwdParams<TS> const& p, BwdRaw<kN, TS>
 }
 
 /// Widens the staged tile into `ck`, computing each (step, channel) scalar once (a thread per
-/// column, `bias` its channel's delta bias), with the fast softplus / sigmoid (a few ulp, far
-/// inside the backward's tolerance; the forward's values are recomputed, not reused). mask: as given to bwd_issue; kFull: also dzf,
-/// silu and dsc (the scan pass).
+/// group of kBwdGroup columns of one row, the channels' delta bias from ck.bias), with the fast
+/// softplus / sigmoid (a few ulp, far inside the backward's tolerance; the forward's values are
+/// recomputed, not reused). mask: as given to bwd_issue; kFull: also dzf, silu and dsc (the
+/// scan pass).
 template <bool kFull, int kN, class TS, class Cooked>
 __device__ __forceinline__ void bwd_cook(BwdParams<TS> const& p, BwdRaw<kN, TS> const& st, Cooked& ck, int nt,
                                          unsigned mask) {
