@@ -1,6 +1,6 @@
 // decode_anatomy: where the time of the persistent decode step goes (diagnostic tool, not a
 // benchmark of record). Built with MAMBABYTE_DECODE_PERSISTENT_STAMPS: thread 0 of every block
-// writes clock64 (SM cycles) at 16 points of every layer (decode_persistent.cuh, MAMBABYTE_PSTAMP).
+// writes clock64 (SM cycles) at 17 points of every layer (decode_persistent.cuh, MAMBABYTE_PSTAMP).
 // Prints, for the MambaByte-353M shape at batch 1 (or --batch B), the mean duration of every
 // segment over the layers 2..n-2 and all blocks (the waits for other blocks' values are inside
 // the fetch / sum segments).
@@ -88,11 +88,12 @@ int main(int argc, char** argv) {
   // the kernel indexes stamps with its grid size G
   auto st_ = [&](int l, int g, int k) { return static_cast<double>(h[(static_cast<std::size_t>(l) * G + g) * S + k]); };
   std::printf("step (stamps on): median %.1f us over 50; grid %d blocks; %d layers\n", ms[ms.size() / 2] * 1e3, G, L);
-  int const used = 15;  // slots 0..14 (decode_persistent.cuh, MAMBABYTE_PSTAMP)
-  char const* names[S] = {"loop top",           "A: R fetch (+issue C)", "A: weights ready",  "A: norm",
-                          "A: in_proj gemv",    "A: conv",               "A: x_proj -> P",    "A: P sums -> X",
-                          "B: X fetch (+iss. A)", "B: (empty)",          "B: dt/state -> Y",  "C: Y fetch (+iss. B)",
-                          "C: weights ready",   "C: out_proj gemv",      "C: residual -> R",  ""};
+  int const used = 17;  // slots 0..16 (decode_persistent.cuh, MAMBABYTE_PSTAMP)
+  char const* names[S] = {"loop top",           "A: R fetch (+issue C)", "A: cp.async ready",   "A: bulk rows ready",
+                          "A: norm",            "A: in_proj gemv",       "A: conv",             "A: x_proj -> P",
+                          "A: P sums -> X",     "B: X fetch (+iss. A)",  "B: bulk rows ready",  "B: dt/state -> Y",
+                          "C: Y fetch (+iss. B)", "C: cp.async ready",   "C: bulk rows ready",  "C: out_proj gemv",
+                          "C: residual -> R",   "",                      "",                    ""};
   std::printf("%-24s %10s %10s %10s\n", "segment (ends at)", "mean cyc", "max cyc", "min cyc");
   double total = 0;
   for (int k = 1; k < used; ++k) {
@@ -121,6 +122,21 @@ int main(int argc, char** argv) {
     total += sum / cnt;
   }
   std::printf("%-24s %10.0f cycles per layer\n", "sum", total);
+  // the copies issued inside the exchanges' fetches (thread 0's view): slot 17 from 0, 18 from 8, 19 from 11
+  int const from[3] = {0, 8, 11};
+  char const* what[3] = {"issue C (in R fetch)", "issue A (in X fetch)", "issue B (in Y fetch)"};
+  for (int e = 0; e < 3; ++e) {
+    double sum = 0, mx = 0;
+    int cnt = 0;
+    for (int l = 2; l < L - 1; ++l)
+      for (int g = 0; g < G; ++g) {
+        double const d = st_(l, g, 17 + e) - st_(l, g, from[e]);
+        sum += d;
+        mx = std::max(mx, d);
+        ++cnt;
+      }
+    std::printf("%-24s %10.0f %10.0f\n", what[e], sum / cnt, mx);
+  }
   // globaltimer granularity: smallest non-zero difference seen
   double gran = 1e18;
   for (int l = 0; l < L; ++l)

@@ -265,7 +265,7 @@ __device__ __forceinline__ unsigned long long globaltimer() {
 /// Diagnostic builds only (bench/cuda/decode_anatomy.cu): thread 0 of every block writes
 /// the SM clock (clock64, cycles) at kStampSlots points of every layer to stamps[(l * G + g) *
 /// kStampSlots + k].
-inline constexpr int kStampSlots = 16;
+inline constexpr int kStampSlots = 20;
 __device__ unsigned long long* g_decode_stamps = nullptr;
 #define MAMBABYTE_PSTAMP(l, k)                                                                        \
   do {                                                                                              \
@@ -377,8 +377,9 @@ __device__ __forceinline__ void gemv_mma(unsigned char const* W, int ws, int row
 /// in shared memory (RS, from exchange R). Threads split into row teams of kThreads / Bp (Bp: B
 /// rounded up to a power of two); a thread holds <= kNormVec float4 of its row. Block barriers
 /// inside; all threads must call it.
-__device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, bool from_table, float const* w,
-                                          float const* bsm, bool has_b, unsigned char* smem) {
+template <int V>
+__device__ __forceinline__ void norm_rows_v(Params const& p, Layout const& lo, bool from_table, float const* w,
+                                            float const* bsm, bool has_b, unsigned char* smem) {
   int const tid = static_cast<int>(threadIdx.x);
   int const B = lo.B, dm = lo.dm;
   int const Bp = B <= 1 ? 1 : (B <= 2 ? 2 : (B <= 4 ? 4 : 8));
@@ -390,7 +391,7 @@ __device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, boo
   // one pass: sums of (x - K) and (x - K)^2 with K the row's first element (LayerNorm; K = 0 for
   // RMSNorm), then var = E[(x - K)^2] - E[x - K]^2: one block reduction instead of two, and the
   // shift keeps the difference well conditioned (|mean - K| is of the order of the spread)
-  float4 v[kNormVec];
+  float4 v[V];
   float sum = 0.f, sq = 0.f;
   float const* src = nullptr;
   if (active)
@@ -398,7 +399,7 @@ __device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, boo
                      : reinterpret_cast<float const*>(smem + lo.oRS) + static_cast<std::size_t>(b) * dm;
   float const K = active && !p.rms ? src[0] : 0.f;
 #pragma unroll
-  for (int i = 0; i < kNormVec; ++i) {
+  for (int i = 0; i < V; ++i) {
     int const k4 = j + i * tpr;
     v[i] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (active && k4 < q4) {
@@ -427,14 +428,15 @@ __device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, boo
     s1 += __shfl_xor_sync(0xffffffffu, s1, o);
     s2 += __shfl_xor_sync(0xffffffffu, s2, o);
   }
-  float const m1 = s1 / static_cast<float>(dm);
+  float const inv = 1.f / static_cast<float>(dm);
+  float const m1 = s1 * inv;
   float const mean = p.rms ? 0.f : K + m1;
-  float const var = p.rms ? s2 / static_cast<float>(dm) : fmaxf(s2 / static_cast<float>(dm) - m1 * m1, 0.f);
+  float const var = p.rms ? s2 * inv : fmaxf(s2 * inv - m1 * m1, 0.f);
   float const rstd = 1.f / sqrtf(var + p.eps);
   if (active) {
     unsigned char* row = smem + lo.oXN + static_cast<std::size_t>(b) * lo.sA;
 #pragma unroll
-    for (int i = 0; i < kNormVec; ++i) {
+    for (int i = 0; i < V; ++i) {
       int const k4 = j + i * tpr;
       if (k4 < q4) {
         float4 const ww = reinterpret_cast<float4 const*>(w)[k4];
@@ -451,6 +453,18 @@ __device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, boo
     }
   }
   __syncthreads();
+}
+
+/// norm_rows_v with V = the float4 a thread holds (compile time: a fixed loop without a predicated
+/// branch per possible float4; batch 1 at d_model 1024 takes V = 1 where the loop had 8 steps).
+__device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, bool from_table, float const* w,
+                                          float const* bsm, bool has_b, unsigned char* smem) {
+  int const Bp = lo.B <= 1 ? 1 : (lo.B <= 2 ? 2 : (lo.B <= 4 ? 4 : 8));
+  int const v = ceil_div(lo.dm / 4, kThreads / Bp);
+  if (v <= 1) norm_rows_v<1>(p, lo, from_table, w, bsm, has_b, smem);
+  else if (v <= 2) norm_rows_v<2>(p, lo, from_table, w, bsm, has_b, smem);
+  else if (v <= 4) norm_rows_v<4>(p, lo, from_table, w, bsm, has_b, smem);
+  else norm_rows_v<kNormVec>(p, lo, from_table, w, bsm, has_b, smem);
 }
 
 // ---- bulk copies of weight rows (sm_90: the tensor memory accelerator) ----------------------------
@@ -666,7 +680,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
     LayerPtrs const& L = lp[l];
     // ---- A: residual, norm, in_proj, conv, x_proj partials
     MAMBABYTE_PSTAMP(l, 0);
-    if (cv > 0 && l > 0) fetch_resid(l - 1, [&] { issue_c(l); });
+    if (cv > 0 && l > 0) fetch_resid(l - 1, [&] { issue_c(l); MAMBABYTE_PSTAMP(l, 17); });
     else issue_c(l);
     MAMBABYTE_PSTAMP(l, 1);
     cp_async_wait_2();
@@ -674,15 +688,17 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
     MAMBABYTE_PSTAMP(l, 2);
     if (cv > 0) {
       if (bulk) mbar_wait(mbar, static_cast<unsigned>(l & 1));  // layer l's in_proj rows and norm (phase l of mbar[0])
-      norm_rows(p, lo, l == 0, f32(lo.oNW), f32(lo.oNB), L.norm_b != nullptr, smem);
       MAMBABYTE_PSTAMP(l, 3);
-      gemv_mma(smem + lo.oWA, lo.sA, 2 * lo.cpb, rpadA, smem + lo.oXN, lo.sA, B, dm, lo.ksA, red, out);
+      norm_rows(p, lo, l == 0, f32(lo.oNW), f32(lo.oNB), L.norm_b != nullptr, smem);
       MAMBABYTE_PSTAMP(l, 4);
+      gemv_mma(smem + lo.oWA, lo.sA, 2 * lo.cpb, rpadA, smem + lo.oXN, lo.sA, B, dm, lo.ksA, red, out);
+      MAMBABYTE_PSTAMP(l, 5);
       float const* cw = f32(lo.oCW);
       float const* cb = f32(lo.oCB);
       float const* ib = f32(lo.oIB);
       float const* cs = f32(lo.oCS);
-      for (int it = tid; it < cv * B; it += kThreads) {
+      // conv step + SiLU of item it = (b, i) -> U, Z, the conv state
+      auto conv_item = [&](int it) {
         int const b = it / cv, i = it - b * cv;
         float const xz = round_s<bf16_t>(L.in_b ? out[i * 8 + b] + round_s<bf16_t>(ib[i]) : out[i * 8 + b]);
         float const zz = round_s<bf16_t>(L.in_b ? out[(lo.cpb + i) * 8 + b] + round_s<bf16_t>(ib[lo.cpb + i])
@@ -704,23 +720,35 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
         if (dc > 1) st[static_cast<std::size_t>(dc - 2) * di] = xz;
         U[b * lo.cpb + i] = round_s<bf16_t>(decode_detail::silu(acc));
         Z[b * lo.cpb + i] = zz;
-      }
-      __syncthreads();
-      MAMBABYTE_PSTAMP(l, 5);
-      bf16_t const* wxp = reinterpret_cast<bf16_t const*>(smem + lo.oWX);
-      for (int it = tid; it < X * B; it += kThreads) {
+      };
+      // x_proj partial of item it = (b, j) over the block's channels -> exchange P; 16-byte
+      // loads (cv and cpb are multiples of 8), the products summed in 4 chains as (0+1)+(2+3)
+      unsigned char const* wxp = smem + lo.oWX;
+      auto xproj_item = [&](int it) {
         int const b = it / X, j = it - b * X;
-        float s4[4] = {0.f, 0.f, 0.f, 0.f};  // cv is a multiple of 8
-        for (int i = 0; i < cv; i += 4) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            s4[e] = fmaf(__bfloat162float(wxp[j * lo.cpb + i + e]), U[b * lo.cpb + i + e], s4[e]);
+        float s4[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int i = 0; i < cv; i += 8) {
+          uint4 const w8 = *reinterpret_cast<uint4 const*>(wxp + 2 * (static_cast<std::size_t>(j) * lo.cpb + i));
+          float4 const u0 = *reinterpret_cast<float4 const*>(U + b * lo.cpb + i);
+          float4 const u1 = *reinterpret_cast<float4 const*>(U + b * lo.cpb + i + 4);
+          s4[0] = fmaf(__uint_as_float(w8.x << 16), u0.x, s4[0]);
+          s4[1] = fmaf(__uint_as_float(w8.x & 0xffff0000u), u0.y, s4[1]);
+          s4[2] = fmaf(__uint_as_float(w8.y << 16), u0.z, s4[2]);
+          s4[3] = fmaf(__uint_as_float(w8.y & 0xffff0000u), u0.w, s4[3]);
+          s4[0] = fmaf(__uint_as_float(w8.z << 16), u1.x, s4[0]);
+          s4[1] = fmaf(__uint_as_float(w8.z & 0xffff0000u), u1.y, s4[1]);
+          s4[2] = fmaf(__uint_as_float(w8.w << 16), u1.z, s4[2]);
+          s4[3] = fmaf(__uint_as_float(w8.w & 0xffff0000u), u1.w, s4[3]);
         }
         ll_store(wp(l) + (static_cast<std::size_t>(b) * lo.nxb + g) * X + j,
                  __float_as_uint((s4[0] + s4[1]) + (s4[2] + s4[3])), flag(l, 0));
-      }
+      };
+      for (int it = tid; it < cv * B; it += kThreads) conv_item(it);
+      __syncthreads();
+      MAMBABYTE_PSTAMP(l, 6);
+      for (int it = tid; it < X * B; it += kThreads) xproj_item(it);
     }
-    MAMBABYTE_PSTAMP(l, 6);
+    MAMBABYTE_PSTAMP(l, 7);
     __syncthreads();
     // exchange X: the block's (b, j) columns c = g, g + G, ... summed over the channel blocks;
     // kReduceGroup threads per column, up to kThreads / kReduceGroup columns at a time; a thread
@@ -757,20 +785,20 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
         __syncthreads();
       }
     }
-    MAMBABYTE_PSTAMP(l, 7);
+    MAMBABYTE_PSTAMP(l, 8);
 
     // ---- B: xdbl, dt, state update, y
     // xdbl[b][j] = round(exchange X); A(l + 1) is issued meanwhile (A's shared memory is consumed)
     if (cv > 0)
-      ll_fetch<1>(wx(l), B * X, flag(l, 1), [&] { issue_a(l + 1); },
+      ll_fetch<1>(wx(l), B * X, flag(l, 1), [&] { issue_a(l + 1); MAMBABYTE_PSTAMP(l, 18); },
                   [&](int i, unsigned v) { XD[i] = round_s<bf16_t>(__uint_as_float(v)); });
     else issue_a(l + 1);
     cp_async_wait_2();
     __syncthreads();
-    MAMBABYTE_PSTAMP(l, 8);
+    MAMBABYTE_PSTAMP(l, 9);
     if (cv > 0) {
-      MAMBABYTE_PSTAMP(l, 9);
       if (bulk) mbar_wait(mbar + 2, static_cast<unsigned>(l & 1));  // dt_proj rows, A_log, state (mbar[2])
+      MAMBABYTE_PSTAMP(l, 10);
       bf16_t const* wd = reinterpret_cast<bf16_t const*>(smem + lo.oWD);
       float const* db = f32(lo.oDB);
       float const* al = f32(lo.oAL);
@@ -835,28 +863,29 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
         ll_store(wy(l) + static_cast<std::size_t>(b) * (di / 2) + c0 / 2 + k, v, fy);
       }
     }
-    MAMBABYTE_PSTAMP(l, 10);
+    MAMBABYTE_PSTAMP(l, 11);
     __syncthreads();  // B's shared memory (and the y staging) is consumed
 
     // ---- C: out_proj rows + residual; y of all channels (exchange Y), B(l + 1) issued meanwhile
     if (rv > 0) {
       int const h2 = di / 2;  // bf16 pairs of a y row
       unsigned char* yrows = smem + lo.oY;
-      ll_fetch<4>(wy(l), B * h2, flag(l, 2), [&] { issue_b(l + 1); }, [&](int i, unsigned v) {
+      ll_fetch<4>(wy(l), B * h2, flag(l, 2), [&] { issue_b(l + 1); MAMBABYTE_PSTAMP(l, 19); }, [&](int i, unsigned v) {
         int const b = i / h2, k = i - b * h2;
         *reinterpret_cast<unsigned*>(yrows + static_cast<std::size_t>(b) * lo.sC + 4 * k) = v;
       });
     } else {
       issue_b(l + 1);
     }
-    MAMBABYTE_PSTAMP(l, 11);
+    MAMBABYTE_PSTAMP(l, 12);
     cp_async_wait_2();
     __syncthreads();
-    MAMBABYTE_PSTAMP(l, 12);
+    MAMBABYTE_PSTAMP(l, 13);
     if (rv > 0) {
       if (bulk) mbar_wait(mbar + 1, static_cast<unsigned>(l & 1));  // layer l's out_proj rows
+      MAMBABYTE_PSTAMP(l, 14);
       gemv_mma(smem + lo.oWC, lo.sC, rv, rpadC, smem + lo.oY, lo.sC, B, di, lo.ksC, red, out);
-      MAMBABYTE_PSTAMP(l, 13);
+      MAMBABYTE_PSTAMP(l, 15);
       float const* ob = f32(lo.oOB);
       unsigned const fr = flag(l, 3);
       bool const last = l + 1 == p.n_layer;
@@ -871,7 +900,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
         if (last) p.resid[static_cast<std::size_t>(b) * dm + m0 + r] = v;
       }
     }
-    MAMBABYTE_PSTAMP(l, 14);
+    MAMBABYTE_PSTAMP(l, 16);
     __syncthreads();  // C's shared memory (Y rows, out_proj weights) is consumed
   }
 
