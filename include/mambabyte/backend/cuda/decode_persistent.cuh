@@ -377,13 +377,14 @@ __device__ __forceinline__ void gemv_mma(unsigned char const* W, int ws, int row
 /// in shared memory (RS, from exchange R). Threads split into row teams of kThreads / Bp (Bp: B
 /// rounded up to a power of two); a thread holds <= kNormVec float4 of its row. Block barriers
 /// inside; all threads must call it.
-template <int V>
+template <int kB, int V>
 __device__ __forceinline__ void norm_rows_v(Params const& p, Layout const& lo, bool from_table, float const* w,
                                             float const* bsm, bool has_b, unsigned char* smem) {
   int const tid = static_cast<int>(threadIdx.x);
-  int const B = lo.B, dm = lo.dm;
-  int const Bp = B <= 1 ? 1 : (B <= 2 ? 2 : (B <= 4 ? 4 : 8));
-  int const tpr = kThreads / Bp;
+  int constexpr B = kB;
+  int const dm = lo.dm;
+  int constexpr Bp = B <= 1 ? 1 : (B <= 2 ? 2 : (B <= 4 ? 4 : 8));
+  int constexpr tpr = kThreads / Bp;
   int const b = tid / tpr, j = tid - b * tpr;
   bool const active = b < B;
   int const q4 = dm / 4;
@@ -457,14 +458,15 @@ __device__ __forceinline__ void norm_rows_v(Params const& p, Layout const& lo, b
 
 /// norm_rows_v with V = the float4 a thread holds (compile time: a fixed loop without a predicated
 /// branch per possible float4; batch 1 at d_model 1024 takes V = 1 where the loop had 8 steps).
+template <int kB>
 __device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, bool from_table, float const* w,
                                           float const* bsm, bool has_b, unsigned char* smem) {
-  int const Bp = lo.B <= 1 ? 1 : (lo.B <= 2 ? 2 : (lo.B <= 4 ? 4 : 8));
+  int constexpr Bp = kB <= 1 ? 1 : (kB <= 2 ? 2 : (kB <= 4 ? 4 : 8));
   int const v = ceil_div(lo.dm / 4, kThreads / Bp);
-  if (v <= 1) norm_rows_v<1>(p, lo, from_table, w, bsm, has_b, smem);
-  else if (v <= 2) norm_rows_v<2>(p, lo, from_table, w, bsm, has_b, smem);
-  else if (v <= 4) norm_rows_v<4>(p, lo, from_table, w, bsm, has_b, smem);
-  else norm_rows_v<kNormVec>(p, lo, from_table, w, bsm, has_b, smem);
+  if (v <= 1) norm_rows_v<kB, 1>(p, lo, from_table, w, bsm, has_b, smem);
+  else if (v <= 2) norm_rows_v<kB, 2>(p, lo, from_table, w, bsm, has_b, smem);
+  else if (v <= 4) norm_rows_v<kB, 4>(p, lo, from_table, w, bsm, has_b, smem);
+  else norm_rows_v<kB, kNormVec>(p, lo, from_table, w, bsm, has_b, smem);
 }
 
 // ---- bulk copies of weight rows (sm_90: the tensor memory accelerator) ----------------------------
@@ -532,6 +534,9 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned pari
 
 // ---- the kernel -----------------------------------------------------------------------------------
 
+/// kB: the batch (lo.B), a template parameter so that each batch size compiles only its own paths
+/// (batch 1: the bulk copies; the loops over batch rows unrolled).
+template <int kB>
 MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
     persistent_decode_kernel(__grid_constant__ Params const p, Layout const lo) {
   using decode_detail::round_s;
@@ -539,7 +544,8 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
   int const tid = static_cast<int>(threadIdx.x);
   int const g = static_cast<int>(blockIdx.x);
   int const G = static_cast<int>(gridDim.x);
-  int const B = lo.B, dm = lo.dm, di = lo.di, N = lo.N, R = lo.R, X = lo.X, dc = lo.dc;
+  int constexpr B = kB;
+  int const dm = lo.dm, di = lo.di, N = lo.N, R = lo.R, X = lo.X, dc = lo.dc;
   int const c0 = g * lo.cpb, cv = g < lo.nxb ? min(lo.cpb, di - c0) : 0;
   int const m0 = g * lo.rpb, rv = g < lo.ncb ? min(lo.rpb, dm - m0) : 0;
   int const h0 = g * lo.hpb, hv = g < lo.nhb ? min(lo.hpb, lo.classes - h0) : 0;
@@ -550,9 +556,9 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
     *reinterpret_cast<uint4*>(smem + i) = make_uint4(0u, 0u, 0u, 0u);
   auto* const mbar = reinterpret_cast<unsigned long long*>(smem + lo.oMB);  // bulk copies of phases A, C, B
 #if defined(MAMBABYTE_PERSISTENT_BULK)
-  bool const bulk = lo.bulk;
+  bool constexpr bulk = kB == 1;  // = lo.bulk
 #else
-  bool const bulk = false;
+  bool constexpr bulk = false;
 #endif
   __syncthreads();
   if (tid == 0) {
@@ -689,7 +695,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
     if (cv > 0) {
       if (bulk) mbar_wait(mbar, static_cast<unsigned>(l & 1));  // layer l's in_proj rows and norm (phase l of mbar[0])
       MAMBABYTE_PSTAMP(l, 3);
-      norm_rows(p, lo, l == 0, f32(lo.oNW), f32(lo.oNB), L.norm_b != nullptr, smem);
+      norm_rows<kB>(p, lo, l == 0, f32(lo.oNW), f32(lo.oNB), L.norm_b != nullptr, smem);
       MAMBABYTE_PSTAMP(l, 4);
       gemv_mma(smem + lo.oWA, lo.sA, 2 * lo.cpb, rpadA, smem + lo.oXN, lo.sA, B, dm, lo.ksA, red, out);
       MAMBABYTE_PSTAMP(l, 5);
@@ -910,7 +916,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
   if (hv > 0) {
     if (p.n_layer > 0) fetch_resid(p.n_layer - 1, [] {});
     __syncthreads();
-    norm_rows(p, lo, p.n_layer == 0, f32(lo.oFW), f32(lo.oFB), p.norm_f_b != nullptr, smem);
+    norm_rows<kB>(p, lo, p.n_layer == 0, f32(lo.oFW), f32(lo.oFB), p.norm_f_b != nullptr, smem);
     gemv_mma(smem + lo.oWH, lo.sA, hv, rpadH, smem + lo.oXN, lo.sA, B, dm, lo.ksH, red, out);
     for (int it = tid; it < hv * B; it += kThreads) {
       int const b = it / hv, r = it - b * hv;
@@ -988,8 +994,13 @@ inline void persistent_decode_setup(Cuda const& be) {
   ScopedDevice guard(be.device);
   int optin = 0;
   MAMBABYTE_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, be.device));
-  MAMBABYTE_CUDA_CHECK(cudaFuncSetAttribute(persistent_detail::persistent_decode_kernel,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  auto raise = [optin](auto kernel) {
+    MAMBABYTE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  };
+  raise(persistent_detail::persistent_decode_kernel<1>);
+  raise(persistent_detail::persistent_decode_kernel<2>);
+  raise(persistent_detail::persistent_decode_kernel<3>);
+  raise(persistent_detail::persistent_decode_kernel<4>);
 }
 
 /// Zeroes the exchange words and the epoch/counter pair (on be.stream): needed once after
@@ -1015,6 +1026,7 @@ inline void persistent_decode_step(Cuda const& be, DecodeArgs<__nv_bfloat16> con
   require(a.tokens && a.embedding && a.norm_f_w && a.lm_head && a.resid && a.logits && words && sync,
           "persistent_decode_step: null buffer or parameter");
   require(persistent_decode_aligned(a), "persistent_decode_step: a pointer is not 16-byte aligned");
+  require(d.batch >= 1 && d.batch <= kMaxBatch, "persistent_decode_step: batch ", d.batch, " (1 to ", kMaxBatch, ")");
   ScopedDevice guard(be.device);
   Layout const lo = make_layout(d, be.device);
   Params p{.n_layer = d.n_layer, .eps = d.eps, .rms = d.rms, .tokens = a.tokens, .table = a.embedding,
@@ -1029,8 +1041,17 @@ inline void persistent_decode_step(Cuda const& be, DecodeArgs<__nv_bfloat16> con
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeCooperative;
   attr.val.cooperative = 1;
-  decode_detail::launch_with(be, cooperative ? &attr : nullptr, persistent_decode_kernel, dim3(static_cast<unsigned>(lo.G)),
-                             dim3(kThreads), lo.bytes, p, lo);
+  auto launch = [&](auto kernel) {
+    decode_detail::launch_with(be, cooperative ? &attr : nullptr, kernel, dim3(static_cast<unsigned>(lo.G)),
+                               dim3(kThreads), lo.bytes, p, lo);
+  };
+  static_assert(kMaxBatch == 4, "one kernel instantiation per batch size");
+  switch (d.batch) {
+    case 1: launch(persistent_decode_kernel<1>); break;
+    case 2: launch(persistent_decode_kernel<2>); break;
+    case 3: launch(persistent_decode_kernel<3>); break;
+    default: launch(persistent_decode_kernel<4>); break;
+  }
 }
 
 }  // namespace mambabyte::backend::cuda
