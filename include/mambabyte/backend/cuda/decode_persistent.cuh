@@ -109,10 +109,6 @@ struct Layout {
   int cpb = 0, nxb = 0;  ///< channels per block (multiple of 8), blocks owning channels
   int rpb = 0, ncb = 0;  ///< out_proj rows per block (multiple of 8), blocks owning rows
   int hpb = 0, nhb = 0;  ///< head rows per block, blocks owning head rows
-  /// in_proj / out_proj rows by bulk copies (sm_90; see bulk_rows) at batch 1, by cp.async above:
-  /// H200, 353M shape, same session: batch 1 734 -> 702 us with bulk copies, batch 4 980 -> 1033
-  /// (bulk at every batch; 980 either way with this choice)
-  bool bulk = false;
   int sA = 0, sC = 0;    ///< smem row strides (bytes) of d_model- and d_inner-wide bf16 rows
   int ksA = 1, ksC = 1, ksH = 1;  ///< k splits of the three GEMVs
   int redA = 0, redC = 0, redH = 0;
@@ -145,7 +141,6 @@ struct Layout {
     nxb = ceil_div(di, cpb);
     rpb = round_up(ceil_div(dm, G), 8);
     ncb = ceil_div(dm, rpb);
-    bulk = B == 1;
     hpb = round_up(ceil_div(classes, G), 8);
     nhb = ceil_div(classes, hpb);
     sA = row_stride(dm);
@@ -556,7 +551,10 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
     *reinterpret_cast<uint4*>(smem + i) = make_uint4(0u, 0u, 0u, 0u);
   auto* const mbar = reinterpret_cast<unsigned long long*>(smem + lo.oMB);  // bulk copies of phases A, C, B
 #if defined(MAMBABYTE_PERSISTENT_BULK)
-  bool constexpr bulk = kB == 1;  // = lo.bulk
+  // in_proj / out_proj rows by bulk copies (see bulk_rows) at batch 1, by cp.async above: H200,
+  // 353M shape, same session: batch 1 734 -> 702 us with bulk copies, batch 4 980 -> 1033 (bulk
+  // at every batch; 980 either way with this choice)
+  bool constexpr bulk = kB == 1;
 #else
   bool constexpr bulk = false;
 #endif
