@@ -24,6 +24,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -323,9 +324,11 @@ void check_add_norm_backward(int rows, int dim, bool rms, bool dbias, std::uint6
 struct ConvCase {
   int batch = 1, length = 1, channels = 1, width = 4;
   bool silu = true, bias = true, state = true;
+  bool aligned = false;  ///< leading dimensions multiples of 4 (the vectorized kernels when C % 4 == 0)
   std::string name() const {
     return "B=" + std::to_string(batch) + " L=" + std::to_string(length) + " C=" + std::to_string(channels) +
-           " K=" + std::to_string(width) + (silu ? " silu" : "") + (bias ? " bias" : "") + (state ? " state" : "");
+           " K=" + std::to_string(width) + (silu ? " silu" : "") + (bias ? " bias" : "") + (state ? " state" : "") +
+           (aligned ? " aligned" : "");
   }
 };
 
@@ -335,7 +338,8 @@ void check_conv_forward(ConvCase const& c, std::uint64_t seed) {
   INFO("conv1d_forward " << c.name());
   Rng rng(seed);
   int const C = c.channels, K = c.width;
-  std::int64_t const ld_x = 2 * C + 3, ld_out = C + 1;  // x inside wider rows (as xz), padded out
+  // x inside wider rows (as xz), padded out; aligned: as the model lays them out (+ padding)
+  std::int64_t const ld_x = c.aligned ? 2 * C : 2 * C + 3, ld_out = c.aligned ? C + 4 : C + 1;
   std::size_t const rows = static_cast<std::size_t>(c.batch) * c.length;
   auto const x = round_bf16(rng.vec(rows * ld_x, -2.f, 2.f));
   auto const w = rng.vec(static_cast<std::size_t>(C) * K, -0.6f, 0.6f);
@@ -426,7 +430,8 @@ void check_conv_backward(ConvCase const& c, std::uint64_t seed) {
   INFO("conv1d_backward " << c.name());
   Rng rng(seed);
   int const C = c.channels, K = c.width;
-  std::int64_t const ld_x = 2 * C + 3, ld_dout = C + 2, ld_dx = 2 * C + 1;
+  std::int64_t const ld_x = c.aligned ? 2 * C : 2 * C + 3, ld_dout = c.aligned ? C : C + 2,
+                     ld_dx = c.aligned ? 2 * C + 4 : 2 * C + 1;
   std::size_t const rows = static_cast<std::size_t>(c.batch) * c.length;
   auto const x = round_bf16(rng.vec(rows * ld_x, -2.f, 2.f));
   auto const w = rng.vec(static_cast<std::size_t>(C) * K, -0.6f, 0.6f);
@@ -702,6 +707,103 @@ TEST_CASE("CUDA causal conv1d at model sizes", "[cuda][layers][conv]") {
   check_conv_forward(c, 450);
   c.state = false;
   check_conv_backward(c, 451);
+  c.aligned = true;  // the model's layout: the vectorized kernels
+  check_conv_backward(c, 452);
+  c.state = true;
+  check_conv_forward(c, 453);
+}
+
+TEST_CASE("CUDA causal conv1d, vectorized kernels, match the CPU", "[cuda][layers][conv][small]") {
+  REQUIRE_GPU();
+  std::uint64_t seed = 460;
+  for (int K : {1, 2, 3, 4})
+    for (int L : {1, 2, 5, 37, 600})
+      for (int C : {4, 132}) {
+        ConvCase c;
+        c.batch = (L + C) % 2 ? 3 : 2; c.length = L; c.channels = C; c.width = K; c.aligned = true;
+        c.state = true; c.silu = (K + L) % 2 == 0; c.bias = K != 2;
+        check_conv_forward(c, seed++);
+        c.state = false; c.silu = !c.silu; c.bias = !c.bias;
+        check_conv_forward(c, seed++);
+        check_conv_backward(c, seed++);
+      }
+}
+
+/// The vectorized conv kernels against the scalar ones on the same values (the scalar path
+/// forced by rows of ld = C + 1): outputs, new states, dx and the weight / bias gradients
+/// bitwise equal (the same arithmetic in the same order), in storage type T.
+template <class T>
+void check_conv_vector_vs_scalar(int batch, int length, int C, int K, bool silu, std::uint64_t seed) {
+  INFO("conv1d vector vs scalar B=" << batch << " L=" << length << " C=" << C << " K=" << K << " silu=" << silu
+                                    << (std::is_same_v<T, float> ? " fp32" : " bf16"));
+  Rng rng(seed);
+  std::size_t const rows = static_cast<std::size_t>(batch) * length;
+  auto const x = round_bf16(rng.vec(rows * C, -2.f, 2.f));
+  auto const dout = round_bf16(rng.vec(rows * C));
+  auto const w = rng.vec(static_cast<std::size_t>(C) * K, -0.6f, 0.6f);
+  auto const b = rng.vec(static_cast<std::size_t>(C), -0.3f, 0.3f);
+  auto const st0 = rng.vec(static_cast<std::size_t>(batch) * (K - 1) * C, -2.f, 2.f);
+  auto place = [&](std::vector<float> const& v, std::int64_t ld) {  // (rows, C) into rows of ld
+    std::vector<float> o(rows * ld, 0.f);
+    for (std::size_t r = 0; r < rows; ++r) std::copy_n(v.begin() + r * C, C, o.begin() + r * ld);
+    if constexpr (std::is_same_v<T, float>) return o;
+    else return to_bf16(o);
+  };
+  auto pick = [&](DeviceBuffer<T> const& d, std::int64_t ld) {  // the (rows, C) values as float
+    std::vector<float> all;
+    if constexpr (std::is_same_v<T, float>) all = download(d);
+    else all = to_float(download(d));
+    std::vector<float> o(rows * C);
+    for (std::size_t r = 0; r < rows; ++r) std::copy_n(all.begin() + r * ld, C, o.begin() + r * C);
+    return o;
+  };
+  auto d_w = upload(w);
+  auto d_b = upload(b);
+  std::vector<float> out[2], st[2], dx[2], dw[2], db[2];
+  for (int path = 0; path < 2; ++path) {  // 0: vector (ld = C), 1: scalar (ld = C + 1)
+    std::int64_t const ld = C + path;
+    auto d_x = upload(place(x, ld));
+    auto d_dout = upload(place(dout, ld));
+    DeviceBuffer<T> d_out(rows * ld), d_dx(rows * ld);
+    auto d_st = upload(st0);
+    auto d_dw = upload(std::vector<float>(w.size(), 0.f));
+    auto d_db = upload(std::vector<float>(b.size(), 0.f));
+    bool const vec = bc::layers_detail::conv_vector_path<T>(C, K, {{d_x.data(), ld}, {d_out.data(), ld}});
+    REQUIRE(vec == (path == 0));
+    bc::conv1d_forward<T>(be, batch, length, C, K, d_x.data(), ld, d_w.data(), d_b.data(), d_out.data(), ld,
+                          K > 1 ? d_st.data() : nullptr, silu);
+    auto ws = workspace(bc::conv1d_backward_workspace_bytes(batch, length, C, K));
+    bc::conv1d_backward<T>(be, batch, length, C, K, d_x.data(), ld, d_w.data(), d_b.data(), silu, d_dout.data(),
+                           ld, d_dx.data(), ld, d_dw.data(), d_db.data(), ws.data());
+    out[path] = pick(d_out, ld);
+    dx[path] = pick(d_dx, ld);
+    st[path] = download(d_st);
+    dw[path] = download(d_dw);
+    db[path] = download(d_db);
+  }
+  CHECK(bitwise_equal(out[0], out[1]));
+  CHECK(bitwise_equal(st[0], st[1]));
+  CHECK(bitwise_equal(dx[0], dx[1]));
+  CHECK(bitwise_equal(dw[0], dw[1]));
+  CHECK(bitwise_equal(db[0], db[1]));
+}
+
+TEST_CASE("CUDA causal conv1d: the vectorized kernels equal the scalar ones bitwise", "[cuda][layers][conv][small]") {
+  REQUIRE_GPU();
+  std::uint64_t seed = 480;
+  for (int K : {1, 2, 3, 4})
+    for (int L : {1, 3, 9, 64, 515}) {
+      check_conv_vector_vs_scalar<float>(2, L, 12, K, (L + K) % 2 == 0, seed++);
+      check_conv_vector_vs_scalar<dbf16>(1, L, 136, K, (L + K) % 2 == 1, seed++);
+    }
+  // what decides the path: width, channel count, leading dimensions, alignment
+  float* const f = reinterpret_cast<float*>(std::uintptr_t{256});
+  CHECK(bc::layers_detail::conv_vector_path<float>(8, 4, {{f, 8}, {f, 12}}));
+  CHECK_FALSE(bc::layers_detail::conv_vector_path<float>(8, 5, {{f, 8}, {f, 12}}));
+  CHECK_FALSE(bc::layers_detail::conv_vector_path<float>(6, 4, {{f, 8}, {f, 12}}));
+  CHECK_FALSE(bc::layers_detail::conv_vector_path<float>(8, 4, {{f, 8}, {f, 10}}));
+  CHECK_FALSE(bc::layers_detail::conv_vector_path<float>(8, 4, {{f + 2, 8}, {f, 12}}));
+  CHECK(bc::layers_detail::conv_vector_path<dbf16>(8, 4, {{f + 2, 8}, {nullptr, 0}}));
 }
 
 TEST_CASE("CUDA cross-entropy matches the CPU", "[cuda][layers][loss][small]") {
@@ -1035,7 +1137,7 @@ TEST_CASE("CUDA layer argument checks and workspace sizes", "[cuda][layers][smal
   CHECK(bc::embedding_backward_workspace_bytes(300, 64, 256) > 0);
   CHECK(bc::add_norm_backward_workspace_bytes(0, 64) == 0);
   CHECK(bc::add_norm_backward_workspace_bytes(7, 64) == 7 * 2 * 64 * sizeof(float));
-  CHECK(bc::add_norm_backward_workspace_bytes(100000, 64) == 512 * 2 * 64 * sizeof(float));
+  CHECK(bc::add_norm_backward_workspace_bytes(100000, 64) == 2048 * 2 * 64 * sizeof(float));
   CHECK(bc::conv1d_backward_workspace_bytes(2, 513, 10, 4) == 2 * 2 * 10 * 5 * sizeof(float));
   CHECK(bc::reduce_workspace_bytes(0) == 0);
   CHECK(bc::reduce_workspace_bytes(8192) == 0);

@@ -154,6 +154,25 @@ class DeviceBuffer {
   std::size_t size_ = 0;
 };
 
+/// Fast single-precision math shared by the kernels (special-function unit based).
+namespace fast {
+
+/// 2^x by the special-function unit (ex2.approx.ftz: about 2 ulp; results below 2^-126 flush
+/// to zero, which only ends a decayed state's tail).
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+/// 1 / (1 + e^-x) by ex2.approx and __fdividef; e^-x overflowing to +inf gives 0.
+__device__ __forceinline__ float sigmoid_fast(float x) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  return __fdividef(1.f, 1.f + ex2_approx(-x * kLog2e));
+}
+
+}  // namespace fast
+
 namespace kernel {
 /// ptr[i] = value for i < n (grid-stride loop).
 template <class T>

@@ -135,12 +135,7 @@ __device__ __forceinline__ float softplus(float v) {
   return fmaf(2.f * s, q, fmaxf(v, 0.f));
 }
 
-/// 2^x by the special-function unit (as the scan).
-__device__ __forceinline__ float ex2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
+using fast::ex2_approx;  // common.cuh (as the scan)
 
 /// Sum over the warp by an xor butterfly (every lane gets the same bits).
 __device__ __forceinline__ float warp_sum(float v) {

@@ -40,7 +40,9 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -105,6 +107,24 @@ __device__ __forceinline__ void store_vec(T* p, float const (&v)[kVec]) {
     q.hi = __floats2bfloat162_rn(v[2], v[3]);
     *reinterpret_cast<Bf16x4*>(p) = q;
   }
+}
+
+/// Four consecutive elements as stored (one 16-byte fp32 / 8-byte bf16 access), widened when
+/// used: a thread can hold many loads in flight in half the registers for bf16.
+template <class T>
+using Raw4 = std::conditional_t<std::is_same_v<T, float>, float4, Bf16x4>;
+
+template <class T>
+__device__ __forceinline__ Raw4<T> load_raw4(T const* p) {
+  return *reinterpret_cast<Raw4<T> const*>(p);
+}
+
+__device__ __forceinline__ void widen4(float4 const& q, float (&v)[4]) {
+  v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+}
+__device__ __forceinline__ void widen4(Bf16x4 const& q, float (&v)[4]) {
+  float2 const a = __bfloat1622float2(q.lo), b = __bfloat1622float2(q.hi);
+  v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
 }
 
 /// True when p is a multiple of `bytes` (null counts as aligned: an absent operand never
@@ -180,7 +200,11 @@ inline constexpr int kColReduceY = 8;   ///< group slices per column_reduce bloc
 
 inline constexpr int kRowElems = 8;       ///< elements of a row per thread
 inline constexpr int kMaxRowDim = 8192;   ///< 1024 threads x kRowElems
-inline constexpr int kNormGroups = 512;   ///< row groups (partial rows) of the norm backward
+/// Row groups (partial rows) of the norm backward: each group's block walks its rows one after
+/// the other (three block reductions per row), so the groups are the backward's parallelism;
+/// 2048 fill an H200 with 4-warp blocks at d_model 1024 (16 per SM; 512 filled a quarter of
+/// it), for 16 MB of partials.
+inline constexpr int kNormGroups = 2048;
 
 /// Threads of a row kernel for `dim`: a multiple of 32 covering dim with kRowElems per thread.
 inline int row_threads(int dim) {
@@ -265,6 +289,10 @@ inline constexpr int kConvBwdX = 32;       ///< channels per backward block
 inline constexpr int kConvBwdY = 8;        ///< time tiles per backward block (summed in the block)
 inline constexpr int kConvBwdTile = 64;    ///< time steps per backward thread
 inline constexpr int kMaxConvWidth = 64;   ///< widest kernel (ModelConfig allows d_conv <= 64)
+inline constexpr int kConvVec = 4;         ///< channels per thread of the vectorized kernels
+inline constexpr int kConvAhead = 8;       ///< steps a vectorized forward thread loads before using them
+inline constexpr int kConvBwdAhead = 4;    ///< the same for the backward (two tensors; 2 blocks per SM)
+inline constexpr int kConvVecMaxWidth = 4; ///< widest kernel of the vectorized path
 
 template <class T>
 struct ConvForwardParams {
@@ -720,10 +748,13 @@ MAMBABYTE_KERNEL void __launch_bounds__(1024) add_norm_backward(AddNormBackwardP
 
 // ---- conv1d ----------------------------------------------------------------------------------
 
-__device__ __forceinline__ float silu_f(float x) { return x / (1.f + expf(-x)); }
+/// silu(x) = x sig(x) with the special-function sigmoid (a few ulp; expf and an IEEE division
+/// were about half of the conv kernels' instructions). Both conv paths use it: the vectorized
+/// and the scalar kernels agree bitwise.
+__device__ __forceinline__ float silu_f(float x) { return x * fast::sigmoid_fast(x); }
 /// d silu(x) / dx = sig(x) (1 + x (1 - sig(x))).
 __device__ __forceinline__ float dsilu_f(float x) {
-  float const sig = 1.f / (1.f + expf(-x));
+  float const sig = fast::sigmoid_fast(x);
   return sig * (1.f + x * (1.f - sig));
 }
 
@@ -774,6 +805,87 @@ MAMBABYTE_KERNEL void __launch_bounds__(kConvThreads) conv1d_forward(ConvForward
     for (int k = 0; k + 2 < K; ++k) win[k] = win[k + 1];
     if (K > 1) win[K > 1 ? K - 2 : 0] = xt;
     p.out[(row0 + t) * p.ld_out + c] = narrow<T>(p.silu ? silu_f(acc) : acc);
+  }
+}
+
+/// The vectorized forward (conv_vector_path): channels [c, c + kConvVec) per thread (one
+/// 16-byte fp32 / 8-byte bf16 access per step and tensor), time tile blockIdx.y (p.tile steps),
+/// batch blockIdx.z, width kW in 1..4. The inputs of kConvAhead steps are loaded before any of
+/// them is used (a thread has that many loads in flight instead of one: the scalar kernel waits
+/// for each load, its stores possibly aliasing the next). Same arithmetic, in the same order, as
+/// conv1d_forward: the results are bitwise equal.
+template <class T, int kW>
+MAMBABYTE_KERNEL void __launch_bounds__(kConvThreads) conv1d_forward_vec(ConvForwardParams<T> p) {
+  constexpr int V = kConvVec, H = kW > 1 ? kW - 1 : 1;
+  int const C = p.channels, L = p.length;
+  int const c = (blockIdx.x * blockDim.x + threadIdx.x) * V;
+  if (c >= C) return;
+  int const b = blockIdx.z;
+  int const t0 = blockIdx.y * p.tile, t1 = min(L, t0 + p.tile);
+  std::int64_t const row0 = static_cast<std::int64_t>(b) * L;
+  float w[kW][V], bias[V], win[H][V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+#pragma unroll
+    for (int k = 0; k < kW; ++k) w[k][j] = p.weight[static_cast<std::int64_t>(c + j) * kW + k];
+    bias[j] = p.bias ? p.bias[c + j] : 0.f;
+  }
+  float* const st = p.state ? p.state + static_cast<std::int64_t>(b) * (kW - 1) * C + c : nullptr;
+#pragma unroll
+  for (int k = 0; k < kW - 1; ++k) {  // win[k]: input at time t0 - (kW-1) + k
+    int const s = t0 - (kW - 1) + k;
+    if (s >= 0) {
+      load_vec<V>(p.x + (row0 + s) * p.ld_x + c, win[k]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) win[k][j] = st ? st[static_cast<std::int64_t>(kW - 1 + s) * C + j] : 0.f;
+    }
+  }
+  if (st && blockIdx.y == 0) {  // the new state, as conv1d_forward (t0 = 0: win[i] = old entry i)
+#pragma unroll
+    for (int jj = 0; jj < kW - 1; ++jj) {
+      int const s = L - (kW - 1) + jj;
+      float v[V];
+      if (s >= 0) {
+        load_vec<V>(p.x + (row0 + s) * p.ld_x + c, v);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          v[j] = 0.f;
+#pragma unroll
+          for (int i = 0; i < kW - 1; ++i)
+            if (i == L + jj) v[j] = win[i][j];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) st[static_cast<std::int64_t>(jj) * C + j] = v[j];
+    }
+  }
+  static_assert(V == 4, "one Raw4 per step");
+  for (int t = t0; t < t1; t += kConvAhead) {
+    Raw4<T> raw[kConvAhead];
+#pragma unroll
+    for (int u = 0; u < kConvAhead; ++u)
+      if (t + u < t1) raw[u] = load_raw4(p.x + (row0 + t + u) * p.ld_x + c);
+#pragma unroll
+    for (int u = 0; u < kConvAhead; ++u) {
+      if (t + u < t1) {
+        float xt[V], o[V];
+        widen4(raw[u], xt);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          float acc = bias[j];
+#pragma unroll
+          for (int k = 0; k < kW - 1; ++k) acc += w[k][j] * win[k][j];
+          acc += w[kW - 1][j] * xt[j];
+          o[j] = p.silu ? silu_f(acc) : acc;
+#pragma unroll
+          for (int k = 0; k + 2 < kW; ++k) win[k][j] = win[k + 1][j];
+          if constexpr (kW > 1) win[kW - 2][j] = xt[j];
+        }
+        store_vec<V>(p.out + (row0 + t + u) * p.ld_out + c, o);
+      }
+    }
   }
 }
 
@@ -1037,6 +1149,145 @@ MAMBABYTE_KERNEL void convert_2d(int rows, int cols, TI const* MAMBABYTE_RESTRIC
     out[static_cast<std::int64_t>(r) * ld_out + c] = narrow<TO>(widen(in[static_cast<std::int64_t>(r) * ld_in + c]));
 }
 
+/// The vectorized backward (conv_vector_path): channels [c, c + kConvVec) per thread, the
+/// block and time tiles of conv1d_backward (so the same partials, bitwise: same arithmetic in the
+/// same order), width kW in 1..4; x and dout of kConvAhead steps loaded before any is used.
+template <class T, int kW>
+MAMBABYTE_KERNEL void __launch_bounds__(kConvBwdX * kConvBwdY, 2) conv1d_backward_vec(ConvBackwardParams<T> p) {
+  constexpr int V = kConvVec, H = kW > 1 ? kW - 1 : 1;
+  static_assert(V == 4, "the block's partial sums are staged as float4");
+  __shared__ float4 red[kConvBwdY][kConvBwdX];
+  int const C = p.channels, L = p.length;
+  int const tx = threadIdx.x, ty = threadIdx.y;
+  int const c = (blockIdx.x * kConvBwdX + tx) * V;
+  int const b = blockIdx.z;
+  int const t0 = (blockIdx.y * kConvBwdY + ty) * kConvBwdTile;
+  int const t1 = min(L, t0 + kConvBwdTile);
+  std::int64_t const row0 = static_cast<std::int64_t>(b) * L;
+  float dw[kW][V], db[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    db[j] = 0.f;
+#pragma unroll
+    for (int k = 0; k < kW; ++k) dw[k][j] = 0.f;
+  }
+  if (c < C && t0 < L) {
+    float w[kW][V], bias[V], win[H][V], dq[H][V];  // win / dq [k]: input / dpre at time t - (kW-1) + k
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+#pragma unroll
+      for (int k = 0; k < kW; ++k) w[k][j] = p.weight[static_cast<std::int64_t>(c + j) * kW + k];
+      bias[j] = p.bias ? p.bias[c + j] : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < kW - 1; ++k) {
+      int const s = t0 - (kW - 1) + k;
+      if (s >= 0) {
+        load_vec<V>(p.x + (row0 + s) * p.ld_x + c, win[k]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) win[k][j] = 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) dq[k][j] = 0.f;
+    }
+    int const t_end = t1 + kW - 1, t_load = min(t_end, L);
+    for (int t = t0; t < t_end; t += kConvBwdAhead) {
+      Raw4<T> xr[kConvBwdAhead], gr[kConvBwdAhead];
+#pragma unroll
+      for (int u = 0; u < kConvBwdAhead; ++u) {
+        if (t + u < t_load) {
+          xr[u] = load_raw4(p.x + (row0 + t + u) * p.ld_x + c);
+          gr[u] = load_raw4(p.dout + (row0 + t + u) * p.ld_dout + c);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kConvBwdAhead; ++u) {
+        int const tt = t + u;
+        if (tt >= t_end) break;
+        float xt[V], dp[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          xt[j] = 0.f;
+          dp[j] = 0.f;
+        }
+        if (tt < L) {
+          float gv[V];
+          widen4(xr[u], xt);
+          widen4(gr[u], gv);
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            float pre = bias[j];
+#pragma unroll
+            for (int k = 0; k < kW - 1; ++k) pre += w[k][j] * win[k][j];
+            pre += w[kW - 1][j] * xt[j];
+            float const g = gv[j];
+            dp[j] = p.silu ? g * dsilu_f(pre) : g;
+          }
+          if (tt < t1) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+#pragma unroll
+              for (int k = 0; k < kW - 1; ++k) dw[k][j] += dp[j] * win[k][j];
+              dw[kW - 1][j] += dp[j] * xt[j];
+              db[j] += dp[j];
+            }
+          }
+        }
+        int const s = tt - (kW - 1);
+        if (s >= t0 && p.dx) {  // dx[s] = sum_k w[k] dpre[tt - k]
+          float acc[V];
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            acc[j] = w[0][j] * dp[j];
+#pragma unroll
+            for (int k = 1; k < kW; ++k) acc[j] += w[k][j] * dq[kW - 1 - k][j];
+          }
+          store_vec<V>(p.dx + (row0 + s) * p.ld_dx + c, acc);
+        }
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+#pragma unroll
+          for (int k = 0; k + 2 < kW; ++k) {
+            win[k][j] = win[k + 1][j];
+            dq[k][j] = dq[k + 1][j];
+          }
+          if constexpr (kW > 1) {
+            win[kW - 2][j] = xt[j];
+            dq[kW - 2][j] = dp[j];
+          }
+        }
+      }
+    }
+  }
+  if (p.partial) {
+    std::int64_t const group = static_cast<std::int64_t>(b) * gridDim.y + blockIdx.y;
+    std::int64_t const ld = static_cast<std::int64_t>(C) * (kW + 1);
+    float* const dst = p.partial + group * ld;
+#pragma unroll
+    for (int k = 0; k <= kW; ++k) {
+      float const* v = k < kW ? dw[k < kW ? k : 0] : db;
+      red[ty][tx] = make_float4(v[0], v[1], v[2], v[3]);
+      __syncthreads();
+      if (ty == 0 && c < C) {
+        float4 s = red[0][tx];
+#pragma unroll
+        for (int y = 1; y < kConvBwdY; ++y) {
+          float4 const r = red[y][tx];
+          s.x += r.x; s.y += r.y; s.z += r.z; s.w += r.w;
+        }
+        float const sv[V] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          if (k < kW) dst[static_cast<std::int64_t>(c + j) * kW + k] = sv[j];
+          else dst[static_cast<std::int64_t>(C) * kW + c + j] = sv[j];
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
 }  // namespace kernel
 
 /// dst[c] += sum over `groups` rows of ws (leading dimension ld) for c < n, fixed order.
@@ -1057,8 +1308,41 @@ inline int conv_bwd_time_blocks(int length) {
   return (length + span - 1) / span;
 }
 
+/// The vectorized conv kernels apply: width 1..kConvVecMaxWidth, channels and every leading
+/// dimension multiples of kConvVec, every tensor aligned to kConvVec elements (a null tensor
+/// never stops the vector path). Otherwise the scalar kernels run (same results, bitwise).
+template <class T>
+bool conv_vector_path(int channels, int width, std::initializer_list<std::pair<void const*, std::int64_t>> tensors) {
+  if (width < 1 || width > kConvVecMaxWidth || channels % kConvVec != 0) return false;
+  for (auto const& [ptr, ld] : tensors)
+    if (ld % kConvVec != 0 || !is_aligned(ptr, kConvVec * sizeof(T))) return false;
+  return true;
+}
+
+template <class T>
+bool conv_vector_path(ConvForwardParams<T> const& p) {
+  return conv_vector_path<T>(p.channels, p.width, {{p.x, p.ld_x}, {p.out, p.ld_out}});
+}
+
+template <class T>
+bool conv_vector_path(ConvBackwardParams<T> const& p) {
+  return conv_vector_path<T>(p.channels, p.width, {{p.x, p.ld_x}, {p.dout, p.ld_dout}, {p.dx, p.dx ? p.ld_dx : 0}});
+}
+
 template <class T>
 void conv_forward_launch(Cuda const& be, ConvForwardParams<T> const& p) {
+  if (conv_vector_path(p)) {
+    int const per_block = kConvThreads * kConvVec;
+    dim3 const grid((p.channels + per_block - 1) / per_block, (p.length + p.tile - 1) / p.tile, p.batch);
+    switch (p.width) {
+      case 1: kernel::conv1d_forward_vec<T, 1><<<grid, kConvThreads, 0, be.stream>>>(p); break;
+      case 2: kernel::conv1d_forward_vec<T, 2><<<grid, kConvThreads, 0, be.stream>>>(p); break;
+      case 3: kernel::conv1d_forward_vec<T, 3><<<grid, kConvThreads, 0, be.stream>>>(p); break;
+      default: kernel::conv1d_forward_vec<T, 4><<<grid, kConvThreads, 0, be.stream>>>(p); break;
+    }
+    MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   dim3 const block(kConvThreads);
   dim3 const grid((p.channels + kConvThreads - 1) / kConvThreads, (p.length + p.tile - 1) / p.tile, p.batch);
   switch (p.width) {
@@ -1074,6 +1358,18 @@ void conv_forward_launch(Cuda const& be, ConvForwardParams<T> const& p) {
 template <class T>
 void conv_backward_launch(Cuda const& be, ConvBackwardParams<T> const& p) {
   dim3 const block(kConvBwdX, kConvBwdY);
+  if (conv_vector_path(p)) {
+    int const per_block = kConvBwdX * kConvVec;
+    dim3 const grid((p.channels + per_block - 1) / per_block, conv_bwd_time_blocks(p.length), p.batch);
+    switch (p.width) {
+      case 1: kernel::conv1d_backward_vec<T, 1><<<grid, block, 0, be.stream>>>(p); break;
+      case 2: kernel::conv1d_backward_vec<T, 2><<<grid, block, 0, be.stream>>>(p); break;
+      case 3: kernel::conv1d_backward_vec<T, 3><<<grid, block, 0, be.stream>>>(p); break;
+      default: kernel::conv1d_backward_vec<T, 4><<<grid, block, 0, be.stream>>>(p); break;
+    }
+    MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   dim3 const grid((p.channels + kConvBwdX - 1) / kConvBwdX, conv_bwd_time_blocks(p.length), p.batch);
   switch (p.width) {
     case 1: kernel::conv1d_backward<T, 1><<<grid, block, 0, be.stream>>>(p); break;
@@ -1240,7 +1536,7 @@ void add_norm_forward(Cuda const& be, int rows, int dim, float const* residual_i
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
 }
 
-/// Workspace of add_norm_backward: min(rows, 512) x 2 x dim floats (0 when rows == 0).
+/// Workspace of add_norm_backward: min(rows, kNormGroups = 2048) x 2 x dim floats (0 when rows == 0).
 inline std::size_t add_norm_backward_workspace_bytes(int rows, int dim) {
   if (rows <= 0 || dim <= 0) return 0;
   return static_cast<std::size_t>(layers_detail::norm_groups(rows)) * 2 * dim * sizeof(float);
@@ -1251,7 +1547,7 @@ inline std::size_t add_norm_backward_workspace_bytes(int rows, int dim) {
 ///   RMSNorm:   xh = r rstd;           dresidual += rstd (g - xh mean(g xh))
 ///   dweight += sum_rows dout * xh;  dbias += sum_rows dout  (dbias LayerNorm only; either may be null)
 /// dresidual (float) is in/out; dresidual_copy (TC, may be null) receives the final dresidual.
-/// dout is TD. Row groups: block g of min(rows, 512) takes rows g, g + groups, ... and keeps
+/// dout is TD. Row groups: block g of min(rows, kNormGroups) takes rows g, g + groups, ... and keeps
 /// its column sums in registers; the partial rows are added in group order (column_reduce).
 /// Workspace: add_norm_backward_workspace_bytes(rows, dim) (needed when dweight or dbias).
 template <class TD, class TC>

@@ -197,13 +197,8 @@ struct ScanParams {
   bool vec_bc = false;  ///< bf16: B, C rows 16-byte aligned (cp.async of 8 states)
 };
 
-/// 2^x by the special-function unit (ex2.approx.ftz: about 2 ulp; results below 2^-126 flush
-/// to zero, which only ends a decayed state's tail).
-__device__ __forceinline__ float ex2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
+using fast::ex2_approx;    // common.cuh
+using fast::sigmoid_fast;  // common.cuh
 
 /// max(v, 0) + log1p(e) for e = e^-|v| in (0, 1]: log1p(e) = 2 atanh(s), s = e / (2 + e) in
 /// (0, 1/3], summed to s^13 (truncation < 2e-8 relative).
@@ -263,12 +258,6 @@ __device__ __forceinline__ float silu_gate_fma(float y, float z) {
   r *= fmaf(-d, r, 2.f);
   r *= fmaf(-d, r, 2.f);
   return y * z * r;
-}
-
-/// 1 / (1 + e^-x) by ex2.approx and __fdividef; e^-x overflowing to +inf gives 0.
-__device__ __forceinline__ float sigmoid_fast(float x) {
-  constexpr float kLog2e = 1.4426950408889634f;
-  return __fdividef(1.f, 1.f + ex2_approx(-x * kLog2e));
 }
 
 /// Shared memory of one stage: u, delta, z columns (kTileT x kThreads) and B, C rows, in the
