@@ -2,9 +2,10 @@
 # One device call for a change to the training step's kernels, measured against its parent in the
 # same call (run-to-run spread across calls is ~2-4%). For every variant v in $VARIANTS (binaries
 # prebuilt here and carried in $BIN, optionally gzipped: bench_cuda_model_$v, and when present
-# bench_cuda_layers_$v, test_cuda_layers_$v, test_cuda_model_$v): the test programs, then the layer
-# benchmarks and TrainStep/bf16 at 4 x 8192 and 1 x 8192 twice, variants interleaved; with
-# SAN=<v> also compute-sanitizer memcheck and racecheck on test_cuda_layers_<v> "[small]".
+# bench_cuda_layers_$v, test_cuda_{layers,step,model}_$v): the test programs, then the layer
+# benchmarks and the model benchmarks matching $BENCH_FILTER (default TrainStep/bf16 at 4 x 8192
+# and 1 x 8192) twice, variants interleaved; with SAN=<v> also compute-sanitizer memcheck and
+# racecheck on the "[small]" cases of each of $SAN_TESTS (default test_cuda_layers) _<v>.
 # NCU=<v>: per-kernel times (Nsight Compute, gpu__time_duration) of $NCU_FILTER's launches
 # $NCU_SKIP.. of bench_cuda_model_<v>, summarised by ncu_kernel_times.py. Logs under $OUT.
 set -u
@@ -16,7 +17,7 @@ chmod +x "$BIN"/* 2>/dev/null
 export LD_LIBRARY_PATH="$BIN:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 {
   for v in ${VARIANTS:?set VARIANTS, e.g. \"parent new\"}; do
-    for t in test_cuda_layers test_cuda_model; do
+    for t in test_cuda_layers test_cuda_step test_cuda_model; do
       if [[ -x $BIN/${t}_$v ]]; then
         echo "== ${t}_$v"; timeout 200 "$BIN/${t}_$v" | tail -3
       fi
@@ -30,18 +31,21 @@ export LD_LIBRARY_PATH="$BIN:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
       fi
     done
     for v in $VARIANTS; do
-      echo "== train_$v"
-      timeout 200 "$BIN/bench_cuda_model_$v" --benchmark_filter="${TRAIN_FILTER:-^TrainStep/bf16/}" 2>&1 | grep -E "^TrainStep"
+      echo "== model_$v"
+      timeout 200 "$BIN/bench_cuda_model_$v" --benchmark_filter="${BENCH_FILTER:-^TrainStep/bf16/}" 2>&1 |
+        grep -E "^(TrainStep|Prefill|Decode)"
     done
   done
   if [[ -n ${SAN:-} ]]; then
-    t=$BIN/test_cuda_layers_$SAN
-    echo "== memcheck [small] $SAN"
-    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 "$t" "[small]" > "$O/mem_$SAN.log" 2>&1
-    echo "rc=$?"; tail -3 "$O/mem_$SAN.log"
-    echo "== racecheck [small] $SAN"
-    timeout 240 compute-sanitizer --tool racecheck "$t" "[small]" > "$O/race_$SAN.log" 2>&1
-    echo "rc=$?"; tail -3 "$O/race_$SAN.log"
+    for t in ${SAN_TESTS:-test_cuda_layers}; do
+      x=$BIN/${t}_$SAN
+      echo "== memcheck [small] ${t}_$SAN"
+      timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 "$x" "[small]" > "$O/mem_$t.log" 2>&1
+      echo "rc=$?"; tail -3 "$O/mem_$t.log"
+      echo "== racecheck [small] ${t}_$SAN"
+      timeout 240 compute-sanitizer --tool racecheck "$x" "[small]" > "$O/race_$t.log" 2>&1
+      echo "rc=$?"; tail -3 "$O/race_$t.log"
+    done
   fi
   if [[ -n ${NCU:-} ]]; then
     echo "== ncu $NCU ${NCU_FILTER:-} skip ${NCU_SKIP:-0}"

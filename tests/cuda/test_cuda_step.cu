@@ -9,8 +9,8 @@
 // outputs 1e-2 (bf16 rounding of the output), state 1e-4 against the scan and 2e-4 against the
 // oracle (the state is float, fp32 math).
 // Also: d_state 16 fast path and the guarded path (unaligned state / A, other d_state), every
-// optional input on and off, batch 64 x d_inner 2048, a CUDA-graph capture (replayed twice:
-// bitwise the direct result), argument checks. Without a GPU the GPU cases are skipped.
+// optional input on and off, batch 8-11 with odd d_inner, batch 64 x d_inner 2048, A given as A_log (bitwise the step given A = -expf(A_log)), a CUDA-graph capture
+// (replayed twice: bitwise the direct result), argument checks. Without a GPU the GPU cases are skipped.
 // Tag [small]: the reduced set run under compute-sanitizer.
 #include <mambabyte/cuda.hpp>
 #include <mambabyte/reference/reference.hpp>
@@ -24,6 +24,8 @@
 #include "scan_cases.hpp"
 
 #include <cstdint>
+#include <cstring>
+#include <random>
 #include <type_traits>
 #include <vector>
 
@@ -53,7 +55,84 @@ void check_graph(mbtest::ScanCase const& c, std::uint64_t seed) {
   CHECK(mbtest::same_bits(direct.hT, graphed.hT));
 }
 
+__global__ void neg_exp_kernel(float const* a_log, float* A, int n) {
+  int const i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) A[i] = -expf(a_log[i]);
+}
+
+/// selective_state_update with A_is_log (A_log given, A = -expf(A_log) inside the kernel) is
+/// bitwise the step given A = -expf(A_log) computed by a separate kernel (as the model did),
+/// on the float4 path (d_state 16, aligned) and the guarded one (d_state 5).
+template <class T>
+void check_a_log(int batch, int d_inner, int d_state, std::uint64_t seed) {
+  INFO("A_is_log batch=" << batch << " d_inner=" << d_inner << " d_state=" << d_state);
+  using mambabyte::backend::cuda::DeviceBuffer;
+  std::mt19937_64 g(seed);
+  auto vec = [&](std::size_t n, float lo, float hi) {
+    std::uniform_real_distribution<float> d(lo, hi);
+    std::vector<float> v(n);
+    for (auto& x : v) x = d(g);
+    return v;
+  };
+  auto up = [](std::vector<float> const& v) {
+    if constexpr (std::is_same_v<T, float>) {
+      DeviceBuffer<float> d(v.size());
+      d.copy_from_host(v.data(), v.size());
+      return d;
+    } else {
+      std::vector<T> h(v.size());
+      for (std::size_t i = 0; i < v.size(); ++i) h[i] = __float2bfloat16_rn(v[i]);
+      DeviceBuffer<T> d(h.size());
+      d.copy_from_host(h.data(), h.size());
+      return d;
+    }
+  };
+  auto upf = [](std::vector<float> const& v) {
+    DeviceBuffer<float> d(v.size());
+    d.copy_from_host(v.data(), v.size());
+    return d;
+  };
+  std::size_t const x = static_cast<std::size_t>(batch) * d_inner, bc = static_cast<std::size_t>(batch) * d_state;
+  std::size_t const ns = x * d_state, na = static_cast<std::size_t>(d_inner) * d_state;
+  auto u = up(vec(x, -1.f, 1.f)), dt = up(vec(x, -2.f, 1.f)), z = up(vec(x, -2.f, 2.f));
+  auto B = up(vec(bc, -1.f, 1.f)), C = up(vec(bc, -1.f, 1.f));
+  auto bias = upf(vec(d_inner, -0.5f, 0.5f)), D = upf(vec(d_inner, -1.f, 1.f));
+  auto a_log = upf(vec(na, -1.f, 2.5f));
+  DeviceBuffer<float> A(na);
+  neg_exp_kernel<<<static_cast<unsigned>((na + 127) / 128), 128>>>(a_log.data(), A.data(), static_cast<int>(na));
+  auto const h0 = vec(ns, -1.f, 1.f);
+  Cuda const be{};
+  std::vector<float> state[2];
+  std::vector<T> out[2];
+  for (int mode = 0; mode < 2; ++mode) {
+    auto st = upf(h0);
+    DeviceBuffer<T> y(x);
+    selective_state_update<T>(be, batch, d_inner, d_state, st.data(), u.data(), d_inner, dt.data(), d_inner,
+                              bias.data(), true, mode ? a_log.data() : A.data(), B.data(), d_state, C.data(), d_state,
+                              D.data(), z.data(), d_inner, y.data(), d_inner, /*A_is_log=*/mode == 1);
+    MAMBABYTE_CUDA_CHECK(cudaDeviceSynchronize());
+    state[mode].resize(ns);
+    st.copy_to_host(state[mode].data(), ns);
+    out[mode].resize(x);
+    y.copy_to_host(out[mode].data(), x);
+  }
+  CHECK(std::memcmp(state[0].data(), state[1].data(), ns * sizeof(float)) == 0);
+  CHECK(std::memcmp(out[0].data(), out[1].data(), x * sizeof(T)) == 0);
+  bool moved = false;  // the step did something (the comparison is not between two untouched states)
+  for (std::size_t i = 0; i < ns; ++i) moved = moved || state[0][i] != h0[i];
+  CHECK(moved);
+}
+
 }  // namespace
+
+TEST_CASE("CUDA decode step: A given as A_log equals A given", "[cuda][step][small]") {
+  REQUIRE_GPU();
+  check_a_log<float>(3, 40, 16, 400);
+  check_a_log<float>(2, 37, 5, 401);
+  check_a_log<bf>(64, 2048, 16, 402);
+  check_a_log<bf>(1, 19, 7, 403);
+  check_a_log<float>(9, 37, 5, 404);
+}
 
 TEST_CASE("CUDA decode step equals the scan: small odd shapes", "[cuda][step][small]") {
   REQUIRE_GPU();
@@ -65,6 +144,20 @@ TEST_CASE("CUDA decode step: d_state other than 16", "[cuda][step][small]") {
   REQUIRE_GPU();
   std::uint64_t seed = 100;
   for (auto const& c : mbtest::step_d_state_cases()) check_steps_both(c, seed++);
+}
+
+TEST_CASE("CUDA decode step: batch 8-11, odd d_inner, both load paths", "[cuda][step][small]") {
+  REQUIRE_GPU();
+  std::uint64_t seed = 150;
+  for (int batch : {8, 9, 11}) {
+    mbtest::ScanCase c;
+    c.batch = batch; c.length = 3; c.d_inner = 37; c.d_state = 16;
+    check_steps_both(c, seed++);
+    c.misalign = true; c.z = batch != 9; c.D = batch != 11;  // the guarded path
+    check_steps_both(c, seed++);
+    c.misalign = false; c.d_state = 5; c.bias = batch != 8;
+    check_steps_both(c, seed++);
+  }
 }
 
 TEST_CASE("CUDA decode step: batch 64 x d_inner 2048", "[cuda][step]") {

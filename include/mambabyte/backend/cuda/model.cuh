@@ -598,12 +598,12 @@ class Model {
                           state ? state->conv(l) : nullptr, true);
     linear(u_.data(), di, cw.x_proj_w, nullptr, xdbl, X, X, di);
     linear(xdbl, X, cw.dt_proj_w, nullptr, dt_.data(), di, di, R_);
-    compute_A(fw.A_log);
-    if (state && L_ == 1) {
+    if (state && L_ == 1) {  // A = -exp(A_log) inside the step kernel (one launch fewer per layer)
       bc::selective_state_update<S>(be_, batch_, di, N_, state->ssm(l), u_.data(), di, dt_.data(), di, fw.dt_proj_b,
-                                    true, A_.data(), xdbl + R_, X, xdbl + R_ + N_, X, fw.D, xz + di, 2 * di,
-                                    y_.data(), di);
+                                    true, fw.A_log, xdbl + R_, X, xdbl + R_ + N_, X, fw.D, xz + di, 2 * di,
+                                    y_.data(), di, /*A_is_log=*/true);
     } else {
+      compute_A(fw.A_log);
       auto sa = scan_args(w.master(), l, xz, xdbl);
       if (state) {  // separate in and out buffers: chunks of one launch read the first and write the second
         sa.initial_state = state->ssm(l);

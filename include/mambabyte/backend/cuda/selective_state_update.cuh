@@ -60,6 +60,7 @@ struct StepParams {
   float const* delta_bias = nullptr;
   bool delta_softplus = true;
   float const* A = nullptr;
+  bool a_log = false;            ///< A holds A_log: the kernel takes A = -expf(A_log)
   T const* B = nullptr;          std::int64_t ld_B = 0;
   T const* C = nullptr;          std::int64_t ld_C = 0;
   float const* D = nullptr;
@@ -103,7 +104,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kStepThreads) state_update(StepParams<T>
     float4 const h4 = *reinterpret_cast<float4 const*>(st);
     float4 const a4 = __ldg(reinterpret_cast<float4 const*>(Ar));
     h[0] = h4.x; h[1] = h4.y; h[2] = h4.z; h[3] = h4.w;
-    A2[0] = a4.x * kLog2e; A2[1] = a4.y * kLog2e; A2[2] = a4.z * kLog2e; A2[3] = a4.w * kLog2e;
+    A2[0] = a4.x; A2[1] = a4.y; A2[2] = a4.z; A2[3] = a4.w;
 #pragma unroll
     for (int i = 0; i < kNT; ++i) {
       Bv[i] = scan_detail::load_f(Br + i);
@@ -114,12 +115,17 @@ MAMBABYTE_KERNEL void __launch_bounds__(kStepThreads) state_update(StepParams<T>
     for (int i = 0; i < kNT; ++i) {
       bool const in = n0 + i < N;
       h[i] = in ? st[i] : 0.f;
-      A2[i] = in ? __ldg(Ar + i) * kLog2e : 0.f;
+      A2[i] = in ? __ldg(Ar + i) : 0.f;
       Bv[i] = in ? scan_detail::load_f(Br + i) : 0.f;
       Cv[i] = in ? scan_detail::load_f(Cr + i) : 0.f;
     }
   }
 
+#pragma unroll
+  for (int i = 0; i < kNT; ++i) {  // A = -exp(A_log) exactly as the model's neg_exp kernel, then scaled
+    float const a = p.a_log ? -expf(A2[i]) : A2[i];
+    A2[i] = (kVec || n0 + i < N) ? a * kLog2e : 0.f;
+  }
   float dt = dt_raw + bias;
   if (p.delta_softplus) dt = scan_detail::softplus_dev(dt);
   float const du = dt * u;
@@ -162,14 +168,16 @@ void launch(StepParams<T> const& p, cudaStream_t stream) {
 /// comment): `state` (batch, d_inner, d_state) float is updated in place, out[b*ld_out + d]
 /// written. T: float or __nv_bfloat16. Asynchronous on be.stream; graph-capturable.
 /// delta_bias, D, z may be null; everything else is required (leading dimensions >= d_inner,
-/// resp. >= d_state for B and C, when batch > 1). 1 <= d_state <= 64.
+/// resp. >= d_state for B and C, when batch > 1). 1 <= d_state <= 64. A_is_log: `A` holds the
+/// model's A_log and the kernel uses A = -expf(A_log) (the value the model's neg_exp kernel
+/// would store: bitwise the same step without that launch per layer and step).
 template <class T>
 void selective_state_update(Cuda const& be, int batch, int d_inner, int d_state, float* state,
                             T const* u, std::int64_t ld_u, T const* delta, std::int64_t ld_delta,
                             float const* delta_bias, bool delta_softplus, float const* A,
                             T const* B, std::int64_t ld_B, T const* C, std::int64_t ld_C,
                             float const* D, T const* z, std::int64_t ld_z, T* out,
-                            std::int64_t ld_out) {
+                            std::int64_t ld_out, bool A_is_log = false) {
   static_assert(is_scan_storage_v<T>, "selective_state_update: T is float or __nv_bfloat16");
   using namespace step_detail;
   require(batch >= 0 && d_inner > 0 && d_state > 0,
@@ -191,6 +199,7 @@ void selective_state_update(Cuda const& be, int batch, int d_inner, int d_state,
   p.delta = delta; p.ld_delta = ld_delta;
   p.delta_bias = delta_bias; p.delta_softplus = delta_softplus;
   p.A = A;
+  p.a_log = A_is_log;
   p.B = B; p.ld_B = ld_B;
   p.C = C; p.ld_C = ld_C;
   p.D = D;
