@@ -13,6 +13,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "bench_cuda_main.hpp"
+
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 
@@ -73,16 +75,7 @@ std::vector<Gemm> layer_gemms(int M) {
   };
 }
 
-backend::Cuda make_be() {
-  static cudaStream_t s = [] {
-    cudaStream_t x = nullptr;
-    MAMBABYTE_CUDA_CHECK(cudaStreamCreateWithFlags(&x, cudaStreamNonBlocking));
-    return x;
-  }();
-  backend::Cuda be;
-  be.stream = s;
-  return be;
-}
+backend::Cuda make_be() { return bench::cuda_bench_backend(); }
 
 /// Operands of one problem (contents irrelevant to the timing: a fixed small value).
 struct Operands {
@@ -227,19 +220,5 @@ void register_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::strcmp(argv[1], "--quick") == 0) {
-    g_quick = true;
-    for (int i = 1; i + 1 < argc; ++i) argv[i] = argv[i + 1];
-    --argc;
-  }
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    std::printf("bench_cuda_gemm: no CUDA device, nothing to measure\n");
-    return 0;
-  }
-  register_all();
-  benchmark::Initialize(&argc, argv);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return mambabyte::bench::cuda_bench_main(argc, argv, "bench_cuda_gemm", g_quick, register_all);
 }

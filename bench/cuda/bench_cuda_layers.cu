@@ -16,6 +16,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "bench_cuda_main.hpp"
+
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -35,16 +37,7 @@ bool g_quick = false;
 constexpr double kHbm = 4.8e12;
 constexpr int kDModel = 1024, kDInner = 2048, kWidth = 4;
 
-backend::Cuda make_be() {
-  static cudaStream_t s = [] {
-    cudaStream_t x = nullptr;
-    MAMBABYTE_CUDA_CHECK(cudaStreamCreateWithFlags(&x, cudaStreamNonBlocking));
-    return x;
-  }();
-  backend::Cuda be;
-  be.stream = s;
-  return be;
-}
+backend::Cuda make_be() { return bench::cuda_bench_backend(); }
 
 template <class T>
 DeviceBuffer<T> random_buffer(std::size_t n, std::uint64_t seed, float lo = -1.f, float hi = 1.f) {
@@ -65,22 +58,7 @@ template <class Fn>
 void time_loop(benchmark::State& state, backend::Cuda const& be, double bytes, Fn&& fn) {
   fn();
   MAMBABYTE_CUDA_CHECK(cudaStreamSynchronize(be.stream));
-  cudaEvent_t a, b;
-  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&a));
-  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&b));
-  double total = 0;
-  for (auto _ : state) {
-    MAMBABYTE_CUDA_CHECK(cudaEventRecord(a, be.stream));
-    fn();
-    MAMBABYTE_CUDA_CHECK(cudaEventRecord(b, be.stream));
-    MAMBABYTE_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    MAMBABYTE_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    state.SetIterationTime(ms * 1e-3);
-    total += ms * 1e-3;
-  }
-  (void)cudaEventDestroy(a);
-  (void)cudaEventDestroy(b);
+  double const total = bench::cuda_time_loop(state, be, fn);
   double const per = total / static_cast<double>(state.iterations());
   state.counters["GB_per_s"] = bytes / per / 1e9;
   state.counters["floor_frac"] = bytes / kHbm / per;
@@ -186,19 +164,5 @@ void register_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::strcmp(argv[1], "--quick") == 0) {
-    g_quick = true;
-    for (int i = 1; i + 1 < argc; ++i) argv[i] = argv[i + 1];
-    --argc;
-  }
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    std::printf("bench_cuda_layers: no CUDA device, nothing to measure\n");
-    return 0;
-  }
-  register_all();
-  benchmark::Initialize(&argc, argv);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return mambabyte::bench::cuda_bench_main(argc, argv, "bench_cuda_layers", g_quick, register_all);
 }

@@ -18,6 +18,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "bench_cuda_main.hpp"
+
 #include "bench_config.hpp"
 
 #include <cstdlib>
@@ -38,16 +40,7 @@ constexpr double kHbm = 4.8e12;
 
 ModelConfig bench_config() { return bench::mambabyte_353m(g_quick); }
 
-backend::Cuda make_be() {
-  static cudaStream_t s = [] {
-    cudaStream_t x = nullptr;
-    MAMBABYTE_CUDA_CHECK(cudaStreamCreateWithFlags(&x, cudaStreamNonBlocking));
-    return x;
-  }();
-  backend::Cuda be;
-  be.stream = s;
-  return be;
-}
+backend::Cuda make_be() { return bench::cuda_bench_backend(); }
 
 ModelWeights<float> const& host_weights() {
   static ModelWeights<float> w = [] {
@@ -75,20 +68,7 @@ std::size_t used_bytes() {
 /// Times fn on the stream with CUDA events (manual time).
 template <class Fn>
 void time_loop(benchmark::State& state, backend::Cuda const& be, Fn&& fn) {
-  cudaEvent_t a, b;
-  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&a));
-  MAMBABYTE_CUDA_CHECK(cudaEventCreate(&b));
-  for (auto _ : state) {
-    MAMBABYTE_CUDA_CHECK(cudaEventRecord(a, be.stream));
-    fn();
-    MAMBABYTE_CUDA_CHECK(cudaEventRecord(b, be.stream));
-    MAMBABYTE_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    MAMBABYTE_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    state.SetIterationTime(ms * 1e-3);
-  }
-  (void)cudaEventDestroy(a);
-  (void)cudaEventDestroy(b);
+  (void)bench::cuda_time_loop(state, be, fn);
 }
 
 template <class S>
@@ -186,19 +166,5 @@ void register_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1 && std::strcmp(argv[1], "--quick") == 0) {
-    g_quick = true;
-    for (int i = 1; i + 1 < argc; ++i) argv[i] = argv[i + 1];
-    --argc;
-  }
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-    std::printf("bench_cuda_model: no CUDA device, nothing to measure\n");
-    return 0;
-  }
-  register_all();
-  benchmark::Initialize(&argc, argv);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return mambabyte::bench::cuda_bench_main(argc, argv, "bench_cuda_model", g_quick, register_all);
 }
