@@ -99,6 +99,8 @@ void BM_ConvBackward(benchmark::State& state) {
   DeviceBuffer<float> dw(static_cast<std::size_t>(C) * kWidth), db(C);
   std::size_t const ws_bytes = bc::conv1d_backward_workspace_bytes(B, L, C, kWidth);
   DeviceBuffer<std::byte> ws(ws_bytes);
+  bc::device_fill(be, dw.data(), dw.size(), 0.f);
+  bc::device_fill(be, db.data(), db.size(), 0.f);
   double const bytes = 3.0 * rows * C * sizeof(T) + 2.0 * static_cast<double>(ws_bytes);
   time_loop(state, be, bytes, [&] {
     bc::conv1d_backward<T>(be, B, L, C, kWidth, xz.data(), 2 * C, w.data(), bias.data(), true, dout.data(), C,
@@ -126,7 +128,7 @@ void BM_AddNormForward(benchmark::State& state) {
 }
 
 // Bytes: residual (fp32) and d(normed) (T) read, dresidual (fp32) read and written, dh (T)
-// written.
+// written; the partials (min(rows, 2048) x 2 x d_model floats) written and read back.
 template <class T>
 void BM_AddNormBackward(benchmark::State& state) {
   auto const be = make_be();
@@ -138,8 +140,11 @@ void BM_AddNormBackward(benchmark::State& state) {
   auto w = random_buffer<float>(D, 15, 0.5f, 1.5f);
   DeviceBuffer<T> dh(n);
   DeviceBuffer<float> dw(D), db(D);
-  DeviceBuffer<std::byte> ws(bc::add_norm_backward_workspace_bytes(rows, D));
-  double const bytes = static_cast<double>(n) * (3 * sizeof(float) + 2 * sizeof(T));
+  std::size_t const ws_bytes = bc::add_norm_backward_workspace_bytes(rows, D);
+  DeviceBuffer<std::byte> ws(ws_bytes);
+  bc::device_fill(be, dw.data(), dw.size(), 0.f);
+  bc::device_fill(be, db.data(), db.size(), 0.f);
+  double const bytes = static_cast<double>(n) * (3 * sizeof(float) + 2 * sizeof(T)) + 2.0 * static_cast<double>(ws_bytes);
   time_loop(state, be, bytes, [&] {
     bc::add_norm_backward<T, T>(be, rows, D, r.data(), w.data(), dout.data(), dres.data(), dh.data(), dw.data(),
                                 db.data(), 1e-5f, false, ws.data());

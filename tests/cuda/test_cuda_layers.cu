@@ -655,8 +655,9 @@ TEST_CASE("CUDA add+norm backward matches the CPU", "[cuda][layers][norm][small]
       check_add_norm_backward(rows, dim, false, false, seed++);
       check_add_norm_backward(rows, dim, true, false, seed++);
     }
-  check_add_norm_backward(1500, 64, false, true, seed++);  // more rows than row groups
-  check_add_norm_backward(1500, 5, true, false, seed++);
+  int const many = 2 * bc::layers_detail::kNormGroups + 37;  // more rows than row groups
+  check_add_norm_backward(many, 64, false, true, seed++);
+  check_add_norm_backward(many, 5, true, false, seed++);
 }
 
 TEST_CASE("CUDA add+norm backward at training sizes", "[cuda][layers][norm]") {
@@ -796,6 +797,8 @@ TEST_CASE("CUDA causal conv1d: the vectorized kernels equal the scalar ones bitw
       check_conv_vector_vs_scalar<float>(2, L, 12, K, (L + K) % 2 == 0, seed++);
       check_conv_vector_vs_scalar<dbf16>(1, L, 136, K, (L + K) % 2 == 1, seed++);
     }
+  check_conv_vector_vs_scalar<float>(2, 70, 1036, 4, true, seed++);  // several channel blocks
+  check_conv_vector_vs_scalar<dbf16>(1, 600, 1036, 3, false, seed++);
   // what decides the path: width, channel count, leading dimensions, alignment
   float* const f = reinterpret_cast<float*>(std::uintptr_t{256});
   CHECK(bc::layers_detail::conv_vector_path<float>(8, 4, {{f, 8}, {f, 12}}));

@@ -117,7 +117,8 @@ __device__ __forceinline__ float ld_cg(__nv_bfloat16 const* p) { return __bfloat
 __device__ __forceinline__ float ld_nc(float const* p) { return __ldg(p); }
 __device__ __forceinline__ float ld_nc(__nv_bfloat16 const* p) { return __bfloat162float(__ldg(p)); }
 
-/// As layers.cuh's silu_f (the conv's activation).
+/// The conv's activation in the decode kernels (expf and an IEEE division; layers.cuh's silu_f,
+/// which prefill and training use, takes the special-function sigmoid: they differ by a few ulp).
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 
 /// As the scan's softplus_dev: max(v, 0) + log1p(e^-|v|) through 2 atanh(e / (2 + e)).

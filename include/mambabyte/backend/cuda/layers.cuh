@@ -194,7 +194,12 @@ __device__ __forceinline__ void block_sum2(float& a, float& b, float* red) {
 }
 
 inline constexpr int kColReduceX = 32;  ///< columns per column_reduce block
-inline constexpr int kColReduceY = 8;   ///< group slices per column_reduce block
+/// Group slices per column_reduce block: each thread walks groups / slices partial rows. 8
+/// slices, or kColReduceWideY from kColReduceWideFrom groups on (the norm backward's 2048 row
+/// groups over only d_model / 32 blocks: with 8 slices its column sums took ~40 of its 218 µs).
+inline constexpr int kColReduceY = 8;
+inline constexpr int kColReduceWideY = 32;
+inline constexpr int kColReduceWideFrom = 256;
 
 // ---- row kernels (add + norm) ----------------------------------------------------------------
 
@@ -567,23 +572,24 @@ MAMBABYTE_KERNEL void __launch_bounds__(kEmbThreads) embedding_fixup(EmbeddingBa
 // ---- column reduction ------------------------------------------------------------------------
 
 /// out[c] += sum_{g < groups} ws[g * ld + c] for c < n, in a fixed order: slice y of the
-/// block adds groups y, y + 8, ... in turn; then the 8 slices are added in slice order.
-MAMBABYTE_KERNEL void __launch_bounds__(kColReduceX * kColReduceY)
+/// block adds groups y, y + kY, ... in turn; then the kY slices are added in slice order.
+template <int kY>
+MAMBABYTE_KERNEL void __launch_bounds__(kColReduceX * kY)
     column_reduce(float const* MAMBABYTE_RESTRICT ws, std::int64_t ld, int groups, std::int64_t n,
                   float* MAMBABYTE_RESTRICT out) {
-  __shared__ float part[kColReduceY][kColReduceX + 1];
+  __shared__ float part[kY][kColReduceX + 1];
   std::int64_t const c = static_cast<std::int64_t>(blockIdx.x) * kColReduceX + threadIdx.x;
   float s = 0.f;
   if (c < n) {
-#pragma unroll 4
-    for (int g = threadIdx.y; g < groups; g += kColReduceY) s += ws[static_cast<std::int64_t>(g) * ld + c];
+#pragma unroll 8
+    for (int g = threadIdx.y; g < groups; g += kY) s += ws[static_cast<std::int64_t>(g) * ld + c];
   }
   part[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && c < n) {
     float t = part[0][threadIdx.x];
 #pragma unroll
-    for (int y = 1; y < kColReduceY; ++y) t += part[y][threadIdx.x];
+    for (int y = 1; y < kY; ++y) t += part[y][threadIdx.x];
     out[c] += t;
   }
 }
@@ -1290,13 +1296,16 @@ MAMBABYTE_KERNEL void __launch_bounds__(kConvBwdX * kConvBwdY, 2) conv1d_backwar
 
 }  // namespace kernel
 
-/// dst[c] += sum over `groups` rows of ws (leading dimension ld) for c < n, fixed order.
+/// dst[c] += sum over `groups` rows of ws (leading dimension ld) for c < n, in an order fixed by
+/// `groups` alone.
 inline void launch_column_reduce(Cuda const& be, float const* ws, std::int64_t ld, int groups, std::int64_t n,
                                  float* out) {
   if (n <= 0 || groups <= 0 || out == nullptr) return;
-  dim3 const block(kColReduceX, kColReduceY);
   auto const grid = static_cast<unsigned>((n + kColReduceX - 1) / kColReduceX);
-  kernel::column_reduce<<<grid, block, 0, be.stream>>>(ws, ld, groups, n, out);
+  if (groups >= kColReduceWideFrom)
+    kernel::column_reduce<kColReduceWideY><<<grid, dim3(kColReduceX, kColReduceWideY), 0, be.stream>>>(ws, ld, groups, n, out);
+  else
+    kernel::column_reduce<kColReduceY><<<grid, dim3(kColReduceX, kColReduceY), 0, be.stream>>>(ws, ld, groups, n, out);
   MAMBABYTE_CUDA_CHECK(cudaGetLastError());
 }
 
