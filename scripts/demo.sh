@@ -33,12 +33,18 @@ gpu=OFF
 if command -v nvcc >/dev/null 2>&1 && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
   gpu=ON
 fi
+# the GPU's own architecture; on compute capability 9.0 (H100 / H200) its "a" variant, whose
+# setmaxnreg the warp-specialised decode step uses
+arch=native
+if [[ $gpu == ON ]] && [[ $(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1) == 9.0 ]]; then
+  arch=90a
+fi
 build=build-demo
 generator=()
 [[ ! -f $build/CMakeCache.txt ]] && command -v ninja >/dev/null && generator=(-G Ninja)
 cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DMAMBABYTE_BUILD_TESTS=OFF \
   -DMAMBABYTE_BUILD_EXAMPLES=ON -DMAMBABYTE_BUILD_BENCH=OFF -DMAMBABYTE_WITH_CUDA=$gpu \
-  -DMAMBABYTE_CUDA_ARCHITECTURES=native >/dev/null
+  -DMAMBABYTE_CUDA_ARCHITECTURES="$arch" >/dev/null
 cmake --build "$build" -j "$(nproc)" --target mambabyte_cli
 bin=$build/bin/mambabyte
 data=data/tinyshakespeare.txt

@@ -32,12 +32,24 @@
  *  step, so an old word never carries a current flag. A poll that waits longer than
  *  kPollTimeoutNs traps (a block that is not resident must not hang the GPU).
  *
- *  Weight streaming: each block copies (cp.async, 16 bytes per thread and instruction) the
- *  slices of the next layer's weights, its per-channel fp32 parameters and its slice of the
- *  recurrent state into shared memory as soon as the current layer's phase has consumed the
- *  previous copy, i.e. a phase ahead; three commit groups per layer (A, B, C) and
- *  cp.async.wait_group 2 at the start of each phase. The layers' parameter pointers are copied
- *  into shared memory once (parameter-space loads with a runtime layer index are slow).
+ *  Weight streaming: each block copies the slices of the next layer's weights, its per-channel
+ *  fp32 parameters and its slice of the recurrent state into shared memory as soon as the current
+ *  layer's phase has consumed the previous copy, i.e. a phase ahead: at batch 1 the in_proj /
+ *  out_proj rows, norm weights, dt_proj rows, A_log and the state by bulk copies (cp.async.bulk,
+ *  the copy engine; completion counted in bytes on a "full" mbarrier per phase), the small pieces
+ *  by 16-byte cp.async. Two variants:
+ *   - warp specialised (sm_90a, blocks of 640 threads): 16 consumer warps compute, a producer
+ *     warpgroup issues every copy of a phase of layer l as soon as the consumers' "empty"
+ *     mbarrier of that phase says they are done with layer l - 1 (its cp.async land on the full
+ *     mbarrier too: cp.async.mbarrier.arrive). A copy instruction waits while the copy engine is
+ *     busy (the issue time follows the bytes); here that holds no computing warp. setmaxnreg
+ *     moves registers from the producers (64) to the consumers (104).
+ *   - otherwise (512 threads) the computing threads issue the copies themselves while they wait
+ *     for an exchange (between its loads and the wait for their flags): three cp.async commit
+ *     groups per layer (A, B, C), cp.async.wait_group 2 at the start of each phase.
+ *  The host launches the block size the loaded binary was compiled for (its launch bound). The
+ *  layers' parameter pointers are copied into shared memory once (parameter-space loads with a
+ *  runtime layer index are slow).
  *
  *  Numerics: the rounding points of decode.cuh and the layer-by-layer path are kept (normed
  *  input, xz, u, xdbl, y and the out_proj output rounded to bf16; fp32 state, residual and
@@ -69,8 +81,17 @@ namespace mambabyte::backend::cuda {
 
 namespace persistent_detail {
 
-inline constexpr int kThreads = 512;
+inline constexpr int kThreads = 512;                 ///< the threads that compute (16 warps)
 inline constexpr int kWarps = kThreads / 32;
+inline constexpr int kProducerThreads = 128;        ///< the copy warpgroup of the warp-specialised kernel
+inline constexpr int kWsThreads = kThreads + kProducerThreads;
+/// Registers per thread of the warp-specialised kernel's two roles (setmaxnreg): the block starts
+/// with 96 (65536 / 640 rounded down to 8); the producers give back what the consumers take
+/// (128 * (96 - 64) = 512 * (104 - 96)). ptxas, CUDA 13.0, sm_90a: no spills in the computing
+/// threads at any batch; at 32 / 112 the producer spilled 168 bytes, at 64 it spills 56 (batch 1).
+inline constexpr int kWsConsumerRegs = 104;
+inline constexpr int kWsProducerRegs = 64;
+static_assert(kProducerThreads * (96 - kWsProducerRegs) == kThreads * (kWsConsumerRegs - 96));
 inline constexpr int kMaxBatch = 4;       ///< batch rows of the persistent step (exchange traffic grows with it)
 inline constexpr int kMaxLayers = 128;    ///< layers whose parameter pointers fit in the kernel parameters
 inline constexpr int kNormVec = 8;        ///< float4 per thread of a norm row
@@ -119,7 +140,7 @@ struct Layout {
   std::size_t oXN = 0, oY = 0, oRed = 0, oOut = 0, oU = 0, oZ = 0, oXD = 0, oStat = 0;
   std::size_t oRO = 0;   ///< the block's out_proj rows of the residual (B x rpb fp32), kept across layers
   std::size_t oRS = 0;   ///< the whole residual (B x dm fp32), from exchange R
-  std::size_t oMB = 0;  ///< three mbarriers: the bulk copies of phases A, C and B
+  std::size_t oMB = 0;  ///< six mbarriers: phases A, C, B landed; (warp-specialised) A, C, B consumed
   std::size_t oLP = 0;  ///< the LayerPtrs of every layer (parameter-space loads with a runtime index are slow)
   std::size_t bytes = 0;
   /// Exchange words (64-bit: value | flag << 32) in global memory, 2 parities each: P (B x nxb x
@@ -187,7 +208,7 @@ struct Layout {
     oStat = take(2 * kWarps * 4);
     oRO = take(static_cast<std::size_t>(B) * rpb * 4);
     oLP = take(static_cast<std::size_t>(nl) * sizeof(LayerPtrs));
-    oMB = take(24);
+    oMB = take(48);
     oRS = take(static_cast<std::size_t>(B) * dm * 4);
     bytes = o;
     wP = 0;
@@ -216,27 +237,31 @@ struct Params {
 
 // ---- device helpers ----------------------------------------------------------------------------
 
-/// Threads that issue the 16-byte weight copies: all but warp 0 (which issues the bulk copies of
-/// the in_proj / out_proj rows at batch 1).
+/// Threads that issue the 16-byte weight copies in the kernel without a copy warpgroup: all but
+/// warp 0 (which issues the bulk copies of the in_proj / out_proj rows at batch 1).
 inline constexpr int kCopyThreads = kThreads - 32;
 
 /// rows x row_bytes (multiples of 16) from global (row stride gstride bytes) into shared memory
-/// (row stride sstride) with cp.async (16 bytes per copy, L2 only), spread over the copy threads;
-/// completed by the commit group the caller closes.
+/// (row stride sstride) with cp.async (16 bytes per copy, L2 only): copy i by the thread of the
+/// copy team with first == i mod stride (first < 0: the thread copies nothing); completed by the
+/// commit group the caller closes or by cp_async_arrive.
 __device__ __forceinline__ void stage_rows(unsigned char* dst, int sstride, void const* src, std::size_t gstride,
-                                           int rows, int row_bytes) {
-  if (threadIdx.x < 32) return;  // warp 0 copies nothing (a start at i < 0 would step onto warp 15's slots)
+                                           int rows, int row_bytes, int first, int stride) {
+  if (first < 0) return;
   int const per = row_bytes / 16;
   auto const* s8 = static_cast<unsigned char const*>(src);
-  for (int i = static_cast<int>(threadIdx.x) - 32; i < rows * per; i += kCopyThreads) {
+  for (int i = first; i < rows * per; i += stride) {
     int const r = i / per, c = i - r * per;
     decode_detail::cp_async16(dst + static_cast<std::size_t>(r) * sstride + 16 * c,
                               s8 + static_cast<std::size_t>(r) * gstride + 16 * c);
   }
 }
-__device__ __forceinline__ void stage(unsigned char* dst, void const* src, int bytes) {
-  stage_rows(dst, bytes, src, static_cast<std::size_t>(bytes), 1, bytes);
+__device__ __forceinline__ void stage(unsigned char* dst, void const* src, int bytes, int first, int stride) {
+  stage_rows(dst, bytes, src, static_cast<std::size_t>(bytes), 1, bytes, first, stride);
 }
+/// Block barrier of the computing threads (named barrier 1, kThreads threads): the whole block
+/// in the kernel without a copy warpgroup, the consumer warps in the warp-specialised one.
+__device__ __forceinline__ void csync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
 /// Waits for all but the two most recent cp.async groups of this thread. Defining
 /// MAMBABYTE_DECODE_PERSISTENT_WAIT_ALL (a diagnostic build, e.g. for compute-sanitizer's
 /// racecheck) waits for all of them instead: the same results, less copy/compute overlap.
@@ -359,13 +384,13 @@ __device__ __forceinline__ void gemv_mma(unsigned char const* W, int ws, int row
     r0[64] = acc[2];
     r0[65] = acc[3];
   }
-  __syncthreads();
+  csync();
   for (int i = tid; i < rows_pad * 8; i += kThreads) {
     float s = 0.f;
     for (int q = 0; q < ks_n; ++q) s += red[static_cast<std::size_t>(q) * rows_pad * 8 + i];
     out[i] = s;
   }
-  __syncthreads();
+  csync();
 }
 
 /// norm(src rows b < B) -> XN (bf16 rows, stride sA); src = table[tokens[b]] or the residual rows
@@ -416,7 +441,7 @@ __device__ __forceinline__ void norm_rows_v(Params const& p, Layout const& lo, b
     stat[warp] = sum;
     stat[kWarps + warp] = sq;
   }
-  __syncthreads();
+  csync();
   float s1 = lane < wpr ? stat[(active ? b : 0) * wpr + lane] : 0.f;
   float s2 = lane < wpr ? stat[kWarps + (active ? b : 0) * wpr + lane] : 0.f;
 #pragma unroll
@@ -448,7 +473,7 @@ __device__ __forceinline__ void norm_rows_v(Params const& p, Layout const& lo, b
       }
     }
   }
-  __syncthreads();
+  csync();
 }
 
 /// norm_rows_v with V = the float4 a thread holds (compile time: a fixed loop without a predicated
@@ -477,9 +502,27 @@ __device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, boo
 __device__ __forceinline__ unsigned smem_u32(void const* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ void mbar_init(unsigned long long* bar) {
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count = 1) {
 #if defined(MAMBABYTE_PERSISTENT_BULK)
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar)) : "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+#else
+  (void)bar; (void)count;
+#endif
+}
+/// One arrival on `bar` (release at block scope: the caller's earlier shared-memory reads are
+/// ordered before a waiter's later writes).
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+#if defined(MAMBABYTE_PERSISTENT_BULK)
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+#else
+  (void)bar;
+#endif
+}
+/// An arrival on `bar` once the calling thread's earlier cp.async copies have landed (counted in
+/// the barrier's expected arrivals: noinc).
+__device__ __forceinline__ void cp_async_arrive(unsigned long long* bar) {
+#if defined(MAMBABYTE_PERSISTENT_BULK)
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(bar)) : "memory");
 #else
   (void)bar;
 #endif
@@ -529,10 +572,21 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned pari
 
 // ---- the kernel -----------------------------------------------------------------------------------
 
+// The warp-specialised kernel (sm_90a: setmaxnreg): 16 consumer warps compute as below, a
+// producer warpgroup issues every weight copy (see the file comment). Elsewhere the computing
+// threads issue the copies themselves, inside the exchanges' fetches.
+#if defined(MAMBABYTE_PERSISTENT_BULK) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MAMBABYTE_PERSISTENT_WS 1
+#define MAMBABYTE_PERSISTENT_BLOCK 640
+#else
+#define MAMBABYTE_PERSISTENT_BLOCK 512
+#endif
+static_assert(MAMBABYTE_PERSISTENT_BLOCK == kThreads || MAMBABYTE_PERSISTENT_BLOCK == kWsThreads);
+
 /// kB: the batch (lo.B), a template parameter so that each batch size compiles only its own paths
 /// (batch 1: the bulk copies; the loops over batch rows unrolled).
 template <int kB>
-MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
+MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
     persistent_decode_kernel(__grid_constant__ Params const p, Layout const lo) {
   using decode_detail::round_s;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -545,11 +599,33 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
   int const m0 = g * lo.rpb, rv = g < lo.ncb ? min(lo.rpb, dm - m0) : 0;
   int const h0 = g * lo.hpb, hv = g < lo.nhb ? min(lo.hpb, lo.classes - h0) : 0;
   int const rpadA = round_up(2 * lo.cpb, 16), rpadC = round_up(lo.rpb, 16), rpadH = round_up(lo.hpb, 16);
+#if defined(MAMBABYTE_PERSISTENT_WS)
+  bool constexpr ws = true;
+#else
+  bool constexpr ws = false;
+#endif
+  int constexpr nthreads = MAMBABYTE_PERSISTENT_BLOCK;
+#if defined(MAMBABYTE_PERSISTENT_GATE)
+  int constexpr kGate = MAMBABYTE_PERSISTENT_GATE;
+#else
+  int constexpr kGate = 1;
+#endif
+  if (blockDim.x != nthreads) __trap();  // the host launched the other variant's block size
+  // the copy team: 16-byte cp.async by the threads first, first + stride, ...; bulk copies by the
+  // lanes of one warp, the barrier armed by one thread (the producer warpgroup when ws, else the
+  // computing threads: warp 0 for the bulk copies, the others for cp.async)
+  int const cfirst = ws ? tid - kThreads : tid - 32;
+  int constexpr cstride = ws ? kProducerThreads : kCopyThreads;
+  bool const cbulk = ws ? (tid >= kThreads && tid < kThreads + 32) : tid < 32;
+  bool const carm = ws ? tid == kThreads : tid == 0;
 
   // zero shared memory once: parameters of a partial channel block read as zeros
-  for (int i = tid * 16; i < static_cast<int>(lo.bytes); i += kThreads * 16)
+  for (int i = tid * 16; i < static_cast<int>(lo.bytes); i += nthreads * 16)
     *reinterpret_cast<uint4*>(smem + i) = make_uint4(0u, 0u, 0u, 0u);
-  auto* const mbar = reinterpret_cast<unsigned long long*>(smem + lo.oMB);  // bulk copies of phases A, C, B
+  // mbarriers: [0..2] the copies of phases A, C, B have landed ("full"; ws: the producer thread
+  // that arms it + one cp.async arrival per producer thread); ws: [3..5] the computing threads
+  // are done with phase A, C, B's shared memory ("empty")
+  auto* const mbar = reinterpret_cast<unsigned long long*>(smem + lo.oMB);
 #if defined(MAMBABYTE_PERSISTENT_BULK)
   // in_proj / out_proj rows by bulk copies (see bulk_rows) at batch 1, by cp.async above: H200,
   // 353M shape, same session: batch 1 734 -> 702 us with bulk copies, batch 4 980 -> 1033 (bulk
@@ -560,9 +636,9 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
 #endif
   __syncthreads();
   if (tid == 0) {
-    mbar_init(mbar);
-    mbar_init(mbar + 1);
-    mbar_init(mbar + 2);
+    for (int k = 0; k < 3; ++k) mbar_init(mbar + k, ws ? 1u + kProducerThreads : 1u);
+    if (ws)
+      for (int k = 3; k < 6; ++k) mbar_init(mbar + k, static_cast<unsigned>(kThreads));
   }
 #if defined(MAMBABYTE_PERSISTENT_BULK)
   // the zeros above (generic proxy) before the bulk copies (async proxy) into the same bytes
@@ -574,7 +650,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
     auto const* src = reinterpret_cast<unsigned long long const*>(p.layers);
     auto* dst = reinterpret_cast<unsigned long long*>(lp);
     int const n = p.n_layer * static_cast<int>(sizeof(LayerPtrs) / 8);
-    for (int i = tid; i < n; i += kThreads) dst[i] = src[i];
+    for (int i = tid; i < n; i += nthreads) dst[i] = src[i];
   }
   unsigned const epoch = *reinterpret_cast<unsigned const volatile*>(p.sync);
   __syncthreads();
@@ -587,15 +663,21 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
 
   auto f32 = [&](std::size_t off) { return reinterpret_cast<float*>(smem + off); };
 
-  // ---- weight streaming: each block copies its slices of a layer into shared memory (cp.async)
-  // a phase ahead, in three commit groups per layer (A, B, C) + the head's with A(0); a phase
-  // starts with cp.async.wait_group 2 (the two later groups may still be in flight)
+  // ---- weight streaming: each block copies its slices of a layer into shared memory a phase
+  // ahead, per phase (A, B, C) one cp.async commit group (+ the head's with A(0)) and at batch 1
+  // one phase of the phase's "full" mbarrier for the bulk copies; a phase starts with
+  // cp.async.wait_group 2 (the two later groups may still be in flight). ws: the producer issues
+  // them and completes the full mbarrier (cp.async arrivals instead of commit groups).
+  auto done_phase = [&](unsigned long long* bar) {
+    if (ws) cp_async_arrive(bar);
+    else decode_detail::cp_async_commit();
+  };
   auto issue_a = [&](int l) {
     if (l < p.n_layer && cv > 0) {
       LayerPtrs const& L = lp[l];
       if (bulk) {
-        if (tid < 32) {  // the x and z rows of the block's channels and the norm weights: one phase of mbar[0]
-          if (tid == 0) mbar_arm(mbar, static_cast<unsigned>(2 * cv * dm * 2 + (L.norm_b ? 2 : 1) * dm * 4));
+        if (cbulk) {  // the x and z rows of the block's channels and the norm weights: one phase of mbar[0]
+          if (carm) mbar_arm(mbar, static_cast<unsigned>(2 * cv * dm * 2 + (L.norm_b ? 2 : 1) * dm * 4));
           bulk_rows(smem + lo.oWA, lo.sA, L.in_w + static_cast<std::size_t>(c0) * dm, std::size_t(dm) * 2, cv,
                     dm * 2, mbar);
           bulk_rows(smem + lo.oWA + static_cast<std::size_t>(lo.cpb) * lo.sA, lo.sA,
@@ -604,60 +686,67 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
           if (L.norm_b) bulk_rows(smem + lo.oNB, 0, L.norm_b, 0, 1, dm * 4, mbar);
         }
       } else {
-        stage_rows(smem + lo.oWA, lo.sA, L.in_w + static_cast<std::size_t>(c0) * dm, std::size_t(dm) * 2, cv, dm * 2);
+        if (ws && carm) mbar_arm(mbar, 0u);
+        stage_rows(smem + lo.oWA, lo.sA, L.in_w + static_cast<std::size_t>(c0) * dm, std::size_t(dm) * 2, cv, dm * 2,
+                   cfirst, cstride);
         stage_rows(smem + lo.oWA + static_cast<std::size_t>(lo.cpb) * lo.sA, lo.sA,
-                   L.in_w + static_cast<std::size_t>(di + c0) * dm, std::size_t(dm) * 2, cv, dm * 2);
-        stage(smem + lo.oNW, L.norm_w, dm * 4);
-        if (L.norm_b) stage(smem + lo.oNB, L.norm_b, dm * 4);
+                   L.in_w + static_cast<std::size_t>(di + c0) * dm, std::size_t(dm) * 2, cv, dm * 2, cfirst, cstride);
+        stage(smem + lo.oNW, L.norm_w, dm * 4, cfirst, cstride);
+        if (L.norm_b) stage(smem + lo.oNB, L.norm_b, dm * 4, cfirst, cstride);
       }
-      stage_rows(smem + lo.oWX, lo.cpb * 2, L.x_w + c0, std::size_t(di) * 2, X, cv * 2);
-      stage(smem + lo.oCW, L.conv_w + static_cast<std::size_t>(c0) * dc, cv * dc * 4);
-      if (L.conv_b) stage(smem + lo.oCB, L.conv_b + c0, cv * 4);
+      stage_rows(smem + lo.oWX, lo.cpb * 2, L.x_w + c0, std::size_t(di) * 2, X, cv * 2, cfirst, cstride);
+      stage(smem + lo.oCW, L.conv_w + static_cast<std::size_t>(c0) * dc, cv * dc * 4, cfirst, cstride);
+      if (L.conv_b) stage(smem + lo.oCB, L.conv_b + c0, cv * 4, cfirst, cstride);
       if (L.in_b) {
-        stage(smem + lo.oIB, L.in_b + c0, cv * 4);
-        stage(smem + lo.oIB + lo.cpb * 4, L.in_b + di + c0, cv * 4);
+        stage(smem + lo.oIB, L.in_b + c0, cv * 4, cfirst, cstride);
+        stage(smem + lo.oIB + lo.cpb * 4, L.in_b + di + c0, cv * 4, cfirst, cstride);
       }
-      if (dc > 1) stage_rows(smem + lo.oCS, lo.cpb * 4, L.conv_state + c0, std::size_t(di) * 4, B * (dc - 1), cv * 4);
+      if (dc > 1)
+        stage_rows(smem + lo.oCS, lo.cpb * 4, L.conv_state + c0, std::size_t(di) * 4, B * (dc - 1), cv * 4, cfirst,
+                   cstride);
     }
-    decode_detail::cp_async_commit();
+    done_phase(mbar);
   };
   auto issue_b = [&](int l) {
     if (l < p.n_layer && cv > 0) {
       LayerPtrs const& L = lp[l];
       if (bulk) {
-        if (tid < 32) {  // dt_proj rows, A_log, the state: one phase of mbar[2]
-          if (tid == 0) mbar_arm(mbar + 2, static_cast<unsigned>(cv * R * 2 + cv * N * 4 + B * cv * N * 4));
+        if (cbulk) {  // dt_proj rows, A_log, the state: one phase of mbar[2]
+          if (carm) mbar_arm(mbar + 2, static_cast<unsigned>(cv * R * 2 + cv * N * 4 + B * cv * N * 4));
           bulk_rows(smem + lo.oWD, 0, L.dt_w + static_cast<std::size_t>(c0) * R, 0, 1, cv * R * 2, mbar + 2);
           bulk_rows(smem + lo.oAL, 0, L.A_log + static_cast<std::size_t>(c0) * N, 0, 1, cv * N * 4, mbar + 2);
           bulk_rows(smem + lo.oSS, lo.cpb * N * 4, L.ssm_state + static_cast<std::size_t>(c0) * N,
                     std::size_t(di) * N * 4, B, cv * N * 4, mbar + 2);
         }
       } else {
-        stage(smem + lo.oWD, L.dt_w + static_cast<std::size_t>(c0) * R, cv * R * 2);
-        stage(smem + lo.oAL, L.A_log + static_cast<std::size_t>(c0) * N, cv * N * 4);
+        if (ws && carm) mbar_arm(mbar + 2, 0u);
+        stage(smem + lo.oWD, L.dt_w + static_cast<std::size_t>(c0) * R, cv * R * 2, cfirst, cstride);
+        stage(smem + lo.oAL, L.A_log + static_cast<std::size_t>(c0) * N, cv * N * 4, cfirst, cstride);
         stage_rows(smem + lo.oSS, lo.cpb * N * 4, L.ssm_state + static_cast<std::size_t>(c0) * N,
-                   std::size_t(di) * N * 4, B, cv * N * 4);
+                   std::size_t(di) * N * 4, B, cv * N * 4, cfirst, cstride);
       }
-      if (L.dt_b) stage(smem + lo.oDB, L.dt_b + c0, cv * 4);
-      if (L.D) stage(smem + lo.oDD, L.D + c0, cv * 4);
+      if (L.dt_b) stage(smem + lo.oDB, L.dt_b + c0, cv * 4, cfirst, cstride);
+      if (L.D) stage(smem + lo.oDD, L.D + c0, cv * 4, cfirst, cstride);
     }
-    decode_detail::cp_async_commit();
+    done_phase(mbar + 2);
   };
   auto issue_c = [&](int l) {
     if (l < p.n_layer && rv > 0) {
       LayerPtrs const& L = lp[l];
       if (bulk) {
-        if (tid < 32) {  // one phase of mbar[1]
-          if (tid == 0) mbar_arm(mbar + 1, static_cast<unsigned>(rv * di * 2));
+        if (cbulk) {  // one phase of mbar[1]
+          if (carm) mbar_arm(mbar + 1, static_cast<unsigned>(rv * di * 2));
           bulk_rows(smem + lo.oWC, lo.sC, L.out_w + static_cast<std::size_t>(m0) * di, std::size_t(di) * 2, rv,
                     di * 2, mbar + 1);
         }
       } else {
-        stage_rows(smem + lo.oWC, lo.sC, L.out_w + static_cast<std::size_t>(m0) * di, std::size_t(di) * 2, rv, di * 2);
+        if (ws && carm) mbar_arm(mbar + 1, 0u);
+        stage_rows(smem + lo.oWC, lo.sC, L.out_w + static_cast<std::size_t>(m0) * di, std::size_t(di) * 2, rv, di * 2,
+                   cfirst, cstride);
       }
-      if (L.out_b) stage(smem + lo.oOB, L.out_b + m0, rv * 4);
+      if (L.out_b) stage(smem + lo.oOB, L.out_b + m0, rv * 4, cfirst, cstride);
     }
-    decode_detail::cp_async_commit();
+    done_phase(mbar + 1);
   };
   // the residual of layer l (exchange R) -> RS rows in shared memory; between(): see ll_fetch
   auto fetch_resid = [&](int l, auto&& between) {
@@ -670,28 +759,67 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
   float* U = f32(lo.oU);
   float* Z = f32(lo.oZ);
   float* XD = f32(lo.oXD);
-  if (hv > 0) {
-    stage_rows(smem + lo.oWH, lo.sA, p.head + static_cast<std::size_t>(h0) * dm, std::size_t(dm) * 2, hv, dm * 2);
-    stage(smem + lo.oFW, p.norm_f_w, dm * 4);
-    if (p.norm_f_b) stage(smem + lo.oFB, p.norm_f_b, dm * 4);
+  if (ws && tid >= kThreads) {
+    // the producer warpgroup: a phase's copies of layer l as soon as the computing threads are
+    // done with that phase's shared memory of layer l - 1 (its "empty" mbarrier), in the order
+    // the phases are consumed; it waits for nothing else, so a copy instruction that waits for
+    // the copy engine holds no computing warp
+#if defined(MAMBABYTE_PERSISTENT_WS)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kWsProducerRegs));
+#endif
+    for (int l = 0; l < p.n_layer; ++l) {
+      unsigned const prev = static_cast<unsigned>((l - 1) & 1);
+      if (cv > 0) {
+        if (l > 0) mbar_wait(mbar + 3, prev);
+        issue_a(l);
+        if (l > 0) mbar_wait(mbar + 5, prev);
+        issue_b(l);
+      }
+      if (rv > 0) {
+        if (l > 0) mbar_wait(mbar + 4, prev);
+        issue_c(l);
+      }
+    }
+    decode_detail::cp_async_wait_all();
+    return;
   }
-  // commit groups: A(l) is issued while phase B(l-1) waits for exchange X, B(l) while C(l-1)
-  // waits for Y, C(l) while A(l) waits for R (every issue overwrites shared memory its phase of
-  // the previous layer consumed); a phase waits for its group with two later groups in flight
-  issue_a(0);
-  issue_b(0);
+#if defined(MAMBABYTE_PERSISTENT_WS)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kWsConsumerRegs));
+#endif
+  if (hv > 0) {  // the head's rows (ws: by the computing threads, waited for before the head)
+    int const hfirst = ws ? tid : cfirst, hstride = ws ? kThreads : cstride;
+    stage_rows(smem + lo.oWH, lo.sA, p.head + static_cast<std::size_t>(h0) * dm, std::size_t(dm) * 2, hv, dm * 2,
+               hfirst, hstride);
+    stage(smem + lo.oFW, p.norm_f_w, dm * 4, hfirst, hstride);
+    if (p.norm_f_b) stage(smem + lo.oFB, p.norm_f_b, dm * 4, hfirst, hstride);
+  }
+  // without ws, commit groups: A(l) is issued while phase B(l-1) waits for exchange X, B(l) while
+  // C(l-1) waits for Y, C(l) while A(l) waits for R (every issue overwrites shared memory its
+  // phase of the previous layer consumed); a phase waits for its group with two later groups in
+  // flight
+  if (ws) {
+    decode_detail::cp_async_commit();
+  } else {
+    issue_a(0);
+    issue_b(0);
+  }
   for (int l = 0; l < p.n_layer; ++l) {
     LayerPtrs const& L = lp[l];
     // ---- A: residual, norm, in_proj, conv, x_proj partials
     MAMBABYTE_PSTAMP(l, 0);
-    if (cv > 0 && l > 0) fetch_resid(l - 1, [&] { issue_c(l); MAMBABYTE_PSTAMP(l, 17); });
-    else issue_c(l);
+    if (cv > 0 && l > 0)
+      fetch_resid(l - 1, [&] {
+        if (!ws) issue_c(l);
+        MAMBABYTE_PSTAMP(l, 17);
+      });
+    else if (!ws) issue_c(l);
     MAMBABYTE_PSTAMP(l, 1);
-    cp_async_wait_2();
-    __syncthreads();
+    if (!ws) cp_async_wait_2();
+    csync();
     MAMBABYTE_PSTAMP(l, 2);
+    if (ws && kGate > 0 && rv > 0 && l > 0) mbar_arrive(mbar + 4);  // C(l - 1)'s, after the R fetch
     if (cv > 0) {
-      if (bulk) mbar_wait(mbar, static_cast<unsigned>(l & 1));  // layer l's in_proj rows and norm (phase l of mbar[0])
+      if (bulk || ws) mbar_wait(mbar, static_cast<unsigned>(l & 1));  // layer l's in_proj rows and norm (phase l of mbar[0])
       MAMBABYTE_PSTAMP(l, 3);
       norm_rows<kB>(p, lo, l == 0, f32(lo.oNW), f32(lo.oNB), L.norm_b != nullptr, smem);
       MAMBABYTE_PSTAMP(l, 4);
@@ -748,12 +876,13 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
                  __float_as_uint((s4[0] + s4[1]) + (s4[2] + s4[3])), flag(l, 0));
       };
       for (int it = tid; it < cv * B; it += kThreads) conv_item(it);
-      __syncthreads();
+      csync();
       MAMBABYTE_PSTAMP(l, 6);
       for (int it = tid; it < X * B; it += kThreads) xproj_item(it);
     }
     MAMBABYTE_PSTAMP(l, 7);
-    __syncthreads();
+    csync();
+    if (ws && kGate == 0 && cv > 0) mbar_arrive(mbar + 3);  // A's shared memory is consumed
     // exchange X: the block's (b, j) columns c = g, g + G, ... summed over the channel blocks;
     // kReduceGroup threads per column, up to kThreads / kReduceGroup columns at a time; a thread
     // sums the blocks q, q + kReduceGroup, ... in order, then the warp butterfly and the group's
@@ -780,13 +909,13 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
         }
         sv = decode_detail::warp_sum(sv);
         if ((tid & 31) == 0) stat[warp] = sv;
-        __syncthreads();
+        csync();
         if (act && li == 0) {
           float t = 0.f;
           for (int w = 0; w < kReduceGroup / 32; ++w) t += stat[warp + w];
           ll_store(wx(l) + c, __float_as_uint(t), fx);
         }
-        __syncthreads();
+        csync();
       }
     }
     MAMBABYTE_PSTAMP(l, 8);
@@ -794,14 +923,20 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
     // ---- B: xdbl, dt, state update, y
     // xdbl[b][j] = round(exchange X); A(l + 1) is issued meanwhile (A's shared memory is consumed)
     if (cv > 0)
-      ll_fetch<1>(wx(l), B * X, flag(l, 1), [&] { issue_a(l + 1); MAMBABYTE_PSTAMP(l, 18); },
-                  [&](int i, unsigned v) { XD[i] = round_s<bf16_t>(__uint_as_float(v)); });
-    else issue_a(l + 1);
-    cp_async_wait_2();
-    __syncthreads();
+      ll_fetch<1>(
+          wx(l), B * X, flag(l, 1),
+          [&] {
+            if (!ws) issue_a(l + 1);
+            MAMBABYTE_PSTAMP(l, 18);
+          },
+          [&](int i, unsigned v) { XD[i] = round_s<bf16_t>(__uint_as_float(v)); });
+    else if (!ws) issue_a(l + 1);
+    if (!ws) cp_async_wait_2();
+    csync();
     MAMBABYTE_PSTAMP(l, 9);
+    if (ws && kGate == 1 && cv > 0) mbar_arrive(mbar + 3);  // A(l)'s, after the X fetch
     if (cv > 0) {
-      if (bulk) mbar_wait(mbar + 2, static_cast<unsigned>(l & 1));  // dt_proj rows, A_log, state (mbar[2])
+      if (bulk || ws) mbar_wait(mbar + 2, static_cast<unsigned>(l & 1));  // dt_proj rows, A_log, state (mbar[2])
       MAMBABYTE_PSTAMP(l, 10);
       bf16_t const* wd = reinterpret_cast<bf16_t const*>(smem + lo.oWD);
       float const* db = f32(lo.oDB);
@@ -857,7 +992,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
         case 2: ssm_items.template operator()<2>(); break;
         default: ssm_items.template operator()<1>(); break;
       }
-      __syncthreads();
+      csync();
       // exchange Y: bf16 pairs of channels (cv is even)
       unsigned const fy = flag(l, 2);
       int const pairs = cv / 2;
@@ -868,25 +1003,30 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
       }
     }
     MAMBABYTE_PSTAMP(l, 11);
-    __syncthreads();  // B's shared memory (and the y staging) is consumed
+    csync();  // B's shared memory (and the y staging) is consumed
+    if (ws && cv > 0) mbar_arrive(mbar + 5);
 
     // ---- C: out_proj rows + residual; y of all channels (exchange Y), B(l + 1) issued meanwhile
     if (rv > 0) {
       int const h2 = di / 2;  // bf16 pairs of a y row
       unsigned char* yrows = smem + lo.oY;
-      ll_fetch<4>(wy(l), B * h2, flag(l, 2), [&] { issue_b(l + 1); MAMBABYTE_PSTAMP(l, 19); }, [&](int i, unsigned v) {
+      ll_fetch<4>(wy(l), B * h2, flag(l, 2), [&] {
+        if (!ws) issue_b(l + 1);
+        MAMBABYTE_PSTAMP(l, 19);
+      }, [&](int i, unsigned v) {
         int const b = i / h2, k = i - b * h2;
         *reinterpret_cast<unsigned*>(yrows + static_cast<std::size_t>(b) * lo.sC + 4 * k) = v;
       });
-    } else {
+    } else if (!ws) {
       issue_b(l + 1);
     }
     MAMBABYTE_PSTAMP(l, 12);
-    cp_async_wait_2();
-    __syncthreads();
+    if (!ws) cp_async_wait_2();
+    csync();
     MAMBABYTE_PSTAMP(l, 13);
+    if (ws && kGate == 2 && cv > 0) mbar_arrive(mbar + 3);  // A(l)'s, after the Y fetch
     if (rv > 0) {
-      if (bulk) mbar_wait(mbar + 1, static_cast<unsigned>(l & 1));  // layer l's out_proj rows
+      if (bulk || ws) mbar_wait(mbar + 1, static_cast<unsigned>(l & 1));  // layer l's out_proj rows
       MAMBABYTE_PSTAMP(l, 14);
       gemv_mma(smem + lo.oWC, lo.sC, rv, rpadC, smem + lo.oY, lo.sC, B, di, lo.ksC, red, out);
       MAMBABYTE_PSTAMP(l, 15);
@@ -905,15 +1045,16 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
       }
     }
     MAMBABYTE_PSTAMP(l, 16);
-    __syncthreads();  // C's shared memory (Y rows, out_proj weights) is consumed
+    csync();  // C's shared memory (Y rows, out_proj weights) is consumed
+    if (ws && kGate == 0 && rv > 0) mbar_arrive(mbar + 4);
   }
 
   // ---- head: norm_f + lm_head rows -> fp32 logits
   decode_detail::cp_async_wait_all();
-  __syncthreads();
+  csync();
   if (hv > 0) {
     if (p.n_layer > 0) fetch_resid(p.n_layer - 1, [] {});
-    __syncthreads();
+    csync();
     norm_rows<kB>(p, lo, p.n_layer == 0, f32(lo.oFW), f32(lo.oFB), p.norm_f_b != nullptr, smem);
     gemv_mma(smem + lo.oWH, lo.sA, hv, rpadH, smem + lo.oXN, lo.sA, B, dm, lo.ksH, red, out);
     for (int it = tid; it < hv * B; it += kThreads) {
@@ -930,6 +1071,15 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads, 1)
       atomicExch(p.sync, epoch + 1u);
     }
   }
+}
+
+/// The block size the kernel was compiled for on the current device: kWsThreads where the
+/// binary is the warp-specialised one (sm_90a), else kThreads (its launch bound says which).
+template <class Kernel>
+inline int block_threads(Kernel kernel) {
+  cudaFuncAttributes fa{};
+  MAMBABYTE_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  return fa.maxThreadsPerBlock >= kWsThreads ? kWsThreads : kThreads;
 }
 
 inline int sm_count(int device) {
@@ -1041,7 +1191,7 @@ inline void persistent_decode_step(Cuda const& be, DecodeArgs<__nv_bfloat16> con
   attr.val.cooperative = 1;
   auto launch = [&](auto kernel) {
     decode_detail::launch_with(be, cooperative ? &attr : nullptr, kernel, dim3(static_cast<unsigned>(lo.G)),
-                               dim3(kThreads), lo.bytes, p, lo);
+                               dim3(static_cast<unsigned>(block_threads(kernel))), lo.bytes, p, lo);
   };
   static_assert(kMaxBatch == 4, "one kernel instantiation per batch size");
   switch (d.batch) {
