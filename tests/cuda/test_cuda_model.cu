@@ -404,6 +404,17 @@ double rel_rms(std::vector<float> const& a, std::vector<float> const& b) {
 TEST_CASE("cuda model: the persistent decode step equals the parallel forward and the fused kernels",
           "[cuda][model][small]") {
   REQUIRE_GPU();
+#if defined(MAMBABYTE_TEST_EXPECT_WS)
+  {  // built for sm_90a: on a compute capability 9.0 device the warp-specialised kernel runs
+    auto const be = make_be();
+    int major = 0, minor = 0;
+    REQUIRE(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, be.device) == cudaSuccess);
+    REQUIRE(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, be.device) == cudaSuccess);
+    if (major == 9 && minor == 0)
+      CHECK(mambabyte::backend::cuda::persistent_decode_block_threads(be) ==
+            mambabyte::backend::cuda::persistent_detail::kWsThreads);
+  }
+#endif
   for (int v = 0; v < 3; ++v) {
     auto const c = persistent_config(v);
     for (int batch : {1, 2, 3, 4}) {

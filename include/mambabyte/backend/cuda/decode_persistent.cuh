@@ -630,7 +630,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
   // in_proj / out_proj rows by bulk copies (see bulk_rows) at batch 1, by cp.async above: H200,
   // 353M shape, same session: batch 1 734 -> 702 us with bulk copies, batch 4 980 -> 1033 (bulk
   // at every batch; 980 either way with this choice)
-  bool constexpr bulk = kB == 1;
+  bool constexpr bulk = kB == 1;  // also with the producer warpgroup: bulk at batch 2-4 848-857 vs 791-793 us (run 62)
 #else
   bool constexpr bulk = false;
 #endif
@@ -1149,6 +1149,13 @@ inline void persistent_decode_setup(Cuda const& be) {
   raise(persistent_detail::persistent_decode_kernel<2>);
   raise(persistent_detail::persistent_decode_kernel<3>);
   raise(persistent_detail::persistent_decode_kernel<4>);
+}
+
+/// Threads per block of the persistent step on be.device: kWsThreads (640) where the loaded
+/// binary is the warp-specialised one (built for sm_90a), else kThreads (512).
+inline int persistent_decode_block_threads(Cuda const& be) {
+  ScopedDevice guard(be.device);
+  return persistent_detail::block_threads(persistent_detail::persistent_decode_kernel<1>);
 }
 
 /// Zeroes the exchange words and the epoch/counter pair (on be.stream): needed once after

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One device call that verifies a build of every CUDA program before an issue note: each test
+# program in full, compute-sanitizer on the persistent decode step (racecheck of "[race]" with
+# every hazard counted by kernel, memcheck of the persistent cases), a short CLI run with
+# --device cuda (train, eval, generate), then bench_cuda_model's rows matching $BENCH_FILTER
+# (default: every bf16 row). Binaries prebuilt here and carried in $BIN (optionally gzipped),
+# with libbenchmark. Logs under $OUT.
+set -u
+BIN=${BIN:-build-devslim}
+O=${OUT:-/tmp}
+for f in "$BIN"/*.gz; do [[ -e $f ]] && gunzip -f "$f"; done
+chmod +x "$BIN"/* 2>/dev/null
+export LD_LIBRARY_PATH="$BIN:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
+  for t in test_cuda_scan test_cuda_scan_backward test_cuda_scan_bf16 test_cuda_scan_associative test_cuda_layers \
+           test_cuda_step test_cuda_model; do
+    [[ -x $BIN/$t ]] || continue
+    echo "== $t"; timeout 240 "$BIN/$t" | tail -n 3; echo "rc=${PIPESTATUS[0]}"
+  done
+  if [[ -x $BIN/test_cuda_model ]]; then
+    echo "== racecheck test_cuda_model [race]"
+    timeout 300 compute-sanitizer --tool racecheck --racecheck-report all --print-limit 100000 \
+      "$BIN/test_cuda_model" "[race]" > "$O/race_model.log" 2>&1
+    echo "rc=$?"; grep -E "RACECHECK SUMMARY|All tests passed|assertions" "$O/race_model.log" | tail -n 3
+    echo "hazard reports by kernel (Read/Write thread lines):"
+    grep -E "(Read|Write) Thread" "$O/race_model.log" | sed -E 's/.* at (void )?//; s/[(<+].*//' | sort | uniq -c | sort -rn | head -n 6
+    echo "persistent_decode_kernel lines: $(grep -E '(Read|Write) Thread' "$O/race_model.log" | grep -c persistent_decode_kernel)"
+    echo "== memcheck test_cuda_model *persistent*"
+    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/test_cuda_model" "*persistent*" > "$O/mem_model.log" 2>&1
+    echo "rc=$?"; tail -n 3 "$O/mem_model.log"
+  fi
+  if [[ -x $BIN/mambabyte ]]; then
+    run=$O/cli_run
+    echo "== mambabyte train --device cuda (bf16)"
+    timeout 200 "$BIN/mambabyte" train --data data/tinyshakespeare.txt --val-fraction 0.1 --out "$run" --device cuda \
+      --precision bf16 --d-model 256 --n-layer 6 --batch 16 --seq-len 256 --steps "${CLI_STEPS:-300}" --eval-every 100 \
+      --no-progress 2>&1 | tail -n 6; echo "rc=${PIPESTATUS[0]}"
+    echo "== eval --device cuda"
+    timeout 60 "$BIN/mambabyte" eval --model "$run" --data data/tinyshakespeare.txt --max-bytes 200000 --device cuda --json
+    echo "rc=$?"
+    echo "== generate --device cuda"
+    timeout 60 "$BIN/mambabyte" generate --model "$run" --prompt $'ROMEO:\n' -n 300 --temperature 0.8 --top-p 0.95 \
+      --seed 1 --device cuda; echo "rc=$?"
+    rm -rf "$run"
+  fi
+  if [[ -x $BIN/bench_cuda_model ]]; then
+    echo "== bench_cuda_model ${BENCH_FILTER:-/bf16/}"
+    timeout 400 "$BIN/bench_cuda_model" --benchmark_filter="${BENCH_FILTER:-/bf16/}" \
+      --benchmark_out="$O/bench_cuda_model.json" --benchmark_out_format=json 2>&1 | grep -E "^(TrainStep|Prefill|Decode)"
+    echo "rc=${PIPESTATUS[0]}"
+  fi
+} 2>&1 | tee "$O/final.log"
