@@ -86,12 +86,16 @@ inline constexpr int kWarps = kThreads / 32;
 inline constexpr int kProducerThreads = 128;        ///< the copy warpgroup of the warp-specialised kernel
 inline constexpr int kWsThreads = kThreads + kProducerThreads;
 /// Registers per thread of the warp-specialised kernel's two roles (setmaxnreg): the block starts
-/// with 96 (65536 / 640 rounded down to 8); the producers give back what the consumers take
-/// (128 * (96 - 64) = 512 * (104 - 96)). ptxas, CUDA 13.0, sm_90a: no spills in the computing
-/// threads at any batch; at 32 / 112 the producer spilled 168 bytes, at 64 it spills 56 (batch 1).
+/// with kWsLaunchRegs (65536 / 640 rounded down to 8); the producers give back what the consumers
+/// take (128 * (96 - 64) = 512 * (104 - 96)). ptxas (CUDA 13.0, sm_90a) reports a small spill in
+/// the batch-1 kernel (16-56 bytes depending on the build) and none at batch 2-4; compiled with the
+/// producers at 96 (no setmaxnreg.dec) the batch-1 kernel does not spill, so it is the producers'
+/// (at 32 / 112 they spilled 168 bytes).
+inline constexpr int kWsLaunchRegs = 65536 / kWsThreads / 8 * 8;
 inline constexpr int kWsConsumerRegs = 104;
 inline constexpr int kWsProducerRegs = 64;
-static_assert(kProducerThreads * (96 - kWsProducerRegs) == kThreads * (kWsConsumerRegs - 96));
+static_assert(kProducerThreads * (kWsLaunchRegs - kWsProducerRegs) == kThreads * (kWsConsumerRegs - kWsLaunchRegs),
+              "setmaxnreg: the consumers take exactly what the producers give back");
 inline constexpr int kMaxBatch = 4;       ///< batch rows of the persistent step (exchange traffic grows with it)
 inline constexpr int kMaxLayers = 128;    ///< layers whose parameter pointers fit in the kernel parameters
 inline constexpr int kNormVec = 8;        ///< float4 per thread of a norm row
@@ -264,7 +268,8 @@ __device__ __forceinline__ void stage(unsigned char* dst, void const* src, int b
 __device__ __forceinline__ void csync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
 /// Waits for all but the two most recent cp.async groups of this thread. Defining
 /// MAMBABYTE_DECODE_PERSISTENT_WAIT_ALL (a diagnostic build, e.g. for compute-sanitizer's
-/// racecheck) waits for all of them instead: the same results, less copy/compute overlap.
+/// racecheck) waits for all of them instead: the same results, less copy/compute overlap (the
+/// kernel without a copy warpgroup only: the warp-specialised one waits on mbarriers).
 __device__ __forceinline__ void cp_async_wait_2() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #if defined(MAMBABYTE_DECODE_PERSISTENT_WAIT_ALL)
@@ -326,7 +331,7 @@ __device__ __forceinline__ unsigned ll_wait(unsigned long long const* a, unsigne
 /// sink(i, value) for the words src[0 .. n) once their flags are `flag`; the threads take kLL words
 /// each per round, all loads of a round in flight together; between() runs once, after the first
 /// round's loads are issued and before their values are waited for (work that hides the round
-/// trip). All threads must call it (uniform).
+/// trip). All computing threads (tid < kThreads) must call it (uniform).
 template <int kLL, class Between, class Sink>
 __device__ __forceinline__ void ll_fetch(unsigned long long const* src, int n, unsigned flag, Between&& between,
                                          Sink&& sink) {
@@ -353,7 +358,7 @@ __device__ __forceinline__ void ll_fetch(unsigned long long const* src, int n, u
 /// >= rows_st of W and n >= nx of X read as zeros. W, X: bf16 rows in shared memory (strides ws, xs
 /// bytes, = 64 mod 128: conflict-free 16-byte loads). A warp task is a 16-row group and the k
 /// steps ks, ks + ks_n, ...; the slices of a row are summed in slice order (deterministic). Ends
-/// with a block barrier.
+/// with a barrier of the computing threads (csync); all of them must call it.
 __device__ __forceinline__ void gemv_mma(unsigned char const* W, int ws, int rows_st, int rows_pad,
                                          unsigned char const* X, int xs, int nx, int K, int ks_n, float* red,
                                          float* out) {
@@ -362,7 +367,10 @@ __device__ __forceinline__ void gemv_mma(unsigned char const* W, int ws, int row
   int const groups = rows_pad / 16;
   int const steps = K / 32;
   for (int task = warp; task < groups * ks_n; task += kWarps) {
-    int const grp = task % groups, ks = task / groups;
+    // (the division by the runtime group count skipped for the common 1 and 2 groups: it sits at
+    // the head of every GEMV's dependent chain)
+    int const grp = groups == 1 ? 0 : (groups == 2 ? (task & 1) : task % groups);
+    int const ks = groups == 1 ? task : (groups == 2 ? (task >> 1) : task / groups);
     int const ra = grp * 16 + g, rb = ra + 8;
     bool const va = ra < rows_st, vb = rb < rows_st, vx = g < nx;
     unsigned char const* pa = W + static_cast<std::size_t>(va ? ra : 0) * ws + 16 * t;
@@ -396,7 +404,7 @@ __device__ __forceinline__ void gemv_mma(unsigned char const* W, int ws, int row
 /// norm(src rows b < B) -> XN (bf16 rows, stride sA); src = table[tokens[b]] or the residual rows
 /// in shared memory (RS, from exchange R). Threads split into row teams of kThreads / Bp (Bp: B
 /// rounded up to a power of two); a thread holds <= kNormVec float4 of its row. Block barriers
-/// inside; all threads must call it.
+/// inside; all computing threads must call it.
 template <int kB, int V>
 __device__ __forceinline__ void norm_rows_v(Params const& p, Layout const& lo, bool from_table, float const* w,
                                             float const* bsm, bool has_b, unsigned char* smem) {
@@ -491,7 +499,8 @@ __device__ __forceinline__ void norm_rows(Params const& p, Layout const& lo, boo
 
 // ---- bulk copies of weight rows (sm_90: the tensor memory accelerator) ----------------------------
 // The in_proj and out_proj rows of a layer (the bulk of its bytes) are copied by cp.async.bulk
-// (one instruction per row, issued by warp 0's lanes, completion counted in bytes on an
+// (one instruction per row, issued by one warp's lanes: the producer warpgroup's first warp when
+// warp-specialised, else warp 0; completion counted in bytes on an
 // mbarrier): unlike ~4000 16-byte cp.async per block and layer they do not queue in front of the
 // exchanges' latency-critical loads in the SM's load/store path. Before sm_90, cp.async.
 
@@ -555,22 +564,48 @@ __device__ __forceinline__ void bulk_rows(unsigned char* dst, int sstride, void 
   (void)dst; (void)sstride; (void)src; (void)gstride; (void)rows; (void)row_bytes; (void)bar;
 #endif
 }
-/// Waits for the phase of `bar` with the given parity (all threads that read the rows).
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+/// Whether the phase of `bar` with the given parity has completed (one try_wait: it may suspend
+/// the thread for a while before answering).
+__device__ __forceinline__ bool mbar_try_wait(unsigned long long* bar, unsigned parity) {
 #if defined(MAMBABYTE_PERSISTENT_BULK)
+  unsigned done = 0;
   asm volatile(
-      "{\n .reg .pred done;\n"
-      "MB_WAIT_%=:\n"
-      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      " @!done bra MB_WAIT_%=;\n}\n" ::"r"(smem_u32(bar)),
-      "r"(parity)
+      "{\n .reg .pred p;\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      " selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(smem_u32(bar)), "r"(parity)
       : "memory");
+  return done != 0;
 #else
   (void)bar; (void)parity;
+  return true;
 #endif
+}
+/// The slow path of mbar_wait: traps after kPollTimeoutNs, like the exchange polls, instead of
+/// hanging the GPU should an arrival never come. Inline: a call out of a setmaxnreg region made
+/// ptxas fail to allocate the consumers' 104 registers (CUDA 13.0).
+__device__ __forceinline__ void mbar_wait_slow(unsigned long long* bar, unsigned parity) {
+  unsigned long long const t0 = globaltimer();
+  for (unsigned spin = 1; !mbar_try_wait(bar, parity); ++spin)
+    if ((spin & 63u) == 0 && globaltimer() - t0 > kPollTimeoutNs) __trap();
+}
+/// Waits for the phase of `bar` with the given parity (all threads that read the rows).
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+  if (!mbar_try_wait(bar, parity)) mbar_wait_slow(bar, parity);
 }
 
 // ---- the kernel -----------------------------------------------------------------------------------
+
+/// The batch row of item it < kB * n of a (batch row, index < n) item space: kB - 1 comparisons
+/// instead of an integer division by the runtime n on a phase's dependent chain (0 at batch 1).
+template <int kB>
+__device__ __forceinline__ int row_of(int it, int n) {
+  int b = 0;
+#pragma unroll
+  for (int k = 1; k < kB; ++k) b += it >= k * n ? 1 : 0;
+  return b;
+}
 
 // The warp-specialised kernel (sm_90a: setmaxnreg): 16 consumer warps compute as below, a
 // producer warpgroup issues every weight copy (see the file comment). Elsewhere the computing
@@ -610,6 +645,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
 #else
   int constexpr kGate = 1;
 #endif
+  static_assert(kGate >= 0 && kGate <= 2, "MAMBABYTE_PERSISTENT_GATE: 0 (none), 1 (after the X fetch), 2 (after the Y fetch)");
   if (blockDim.x != nthreads) __trap();  // the host launched the other variant's block size
   // the copy team: 16-byte cp.async by the threads first, first + stride, ...; bulk copies by the
   // lanes of one warp, the barrier armed by one thread (the producer warpgroup when ws, else the
@@ -831,7 +867,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
       float const* cs = f32(lo.oCS);
       // conv step + SiLU of item it = (b, i) -> U, Z, the conv state
       auto conv_item = [&](int it) {
-        int const b = it / cv, i = it - b * cv;
+        int const b = row_of<kB>(it, cv), i = it - b * cv;
         float const xz = round_s<bf16_t>(L.in_b ? out[i * 8 + b] + round_s<bf16_t>(ib[i]) : out[i * 8 + b]);
         float const zz = round_s<bf16_t>(L.in_b ? out[(lo.cpb + i) * 8 + b] + round_s<bf16_t>(ib[lo.cpb + i])
                                                 : out[(lo.cpb + i) * 8 + b]);
@@ -857,7 +893,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
       // loads (cv and cpb are multiples of 8), the products summed in 4 chains as (0+1)+(2+3)
       unsigned char const* wxp = smem + lo.oWX;
       auto xproj_item = [&](int it) {
-        int const b = it / X, j = it - b * X;
+        int const b = row_of<kB>(it, X), j = it - b * X;
         float s4[4] = {0.f, 0.f, 0.f, 0.f};
         for (int i = 0; i < cv; i += 8) {
           uint4 const w8 = *reinterpret_cast<uint4 const*>(wxp + 2 * (static_cast<std::size_t>(j) * lo.cpb + i));
@@ -897,7 +933,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
         bool const act = k < mine && c < cols;
         float sv = 0.f;
         if (act) {
-          int const b = c / X, j = c - b * X;
+          int const b = row_of<kB>(c, X), j = c - b * X;
           unsigned long long const* base = wp(l) + static_cast<std::size_t>(b) * lo.nxb * X + j;
           for (int q0 = li; q0 < lo.nxb; q0 += 2 * kReduceGroup) {
             int const q1 = q0 + kReduceGroup;
@@ -921,7 +957,8 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
     MAMBABYTE_PSTAMP(l, 8);
 
     // ---- B: xdbl, dt, state update, y
-    // xdbl[b][j] = round(exchange X); A(l + 1) is issued meanwhile (A's shared memory is consumed)
+    // xdbl[b][j] = round(exchange X); without a producer, A(l + 1) is issued meanwhile (A's shared
+    // memory is consumed); with one, its copies start after this fetch (kGate 1)
     if (cv > 0)
       ll_fetch<1>(
           wx(l), B * X, flag(l, 1),
@@ -957,7 +994,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
         for (int it0 = 0; it0 < items; it0 += kThreads / LPI) {  // uniform trip count: shuffles below
           int const item = it0 + tid / LPI;
           bool const act = item < items;
-          int const b = act ? item / cv : 0, i = act ? item - (item / cv) * cv : 0;
+          int const b = act ? row_of<kB>(item, cv) : 0, i = act ? item - b * cv : 0;
           float const* xd = XD + b * X;
           float const u = U[b * lo.cpb + i];
           float const zz = Z[b * lo.cpb + i];
@@ -997,7 +1034,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
       unsigned const fy = flag(l, 2);
       int const pairs = cv / 2;
       for (int it = tid; it < B * pairs; it += kThreads) {
-        int const b = it / pairs, k = it - b * pairs;
+        int const b = row_of<kB>(it, pairs), k = it - b * pairs;
         unsigned const v = *reinterpret_cast<unsigned const*>(ys + b * lo.cpb + 2 * k);
         ll_store(wy(l) + static_cast<std::size_t>(b) * (di / 2) + c0 / 2 + k, v, fy);
       }
@@ -1014,7 +1051,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
         if (!ws) issue_b(l + 1);
         MAMBABYTE_PSTAMP(l, 19);
       }, [&](int i, unsigned v) {
-        int const b = i / h2, k = i - b * h2;
+        int const b = row_of<kB>(i, h2), k = i - b * h2;
         *reinterpret_cast<unsigned*>(yrows + static_cast<std::size_t>(b) * lo.sC + 4 * k) = v;
       });
     } else if (!ws) {
@@ -1034,7 +1071,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
       unsigned const fr = flag(l, 3);
       bool const last = l + 1 == p.n_layer;
       for (int it = tid; it < rv * B; it += kThreads) {
-        int const b = it / rv, r = it - b * rv;
+        int const b = row_of<kB>(it, rv), r = it - b * rv;
         float const s = out[r * 8 + b];
         float const h = round_s<bf16_t>(L.out_b ? s + round_s<bf16_t>(ob[r]) : s);
         float* ro = f32(lo.oRO) + b * lo.rpb + r;  // only this block writes these rows
@@ -1058,7 +1095,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
     norm_rows<kB>(p, lo, p.n_layer == 0, f32(lo.oFW), f32(lo.oFB), p.norm_f_b != nullptr, smem);
     gemv_mma(smem + lo.oWH, lo.sA, hv, rpadH, smem + lo.oXN, lo.sA, B, dm, lo.ksH, red, out);
     for (int it = tid; it < hv * B; it += kThreads) {
-      int const b = it / hv, r = it - b * hv;
+      int const b = row_of<kB>(it, hv), r = it - b * hv;
       p.logits[static_cast<std::size_t>(b) * lo.classes + h0 + r] = out[r * 8 + b];
     }
   }
