@@ -9,9 +9,7 @@
 set -u
 BIN=${BIN:-build-devslim}
 O=${OUT:-/tmp}
-for f in "$BIN"/*.gz; do [[ -e $f ]] && gunzip -f "$f"; done
-chmod +x "$BIN"/* 2>/dev/null
-export LD_LIBRARY_PATH="$BIN:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+source "$(dirname "$0")/device_bin_env.sh"
 {
   for v in ${VARIANTS:?set VARIANTS, e.g. \"parent new\"}; do
     if [[ -x $BIN/test_cuda_model_$v ]]; then

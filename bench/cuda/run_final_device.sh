@@ -8,9 +8,7 @@
 set -u
 BIN=${BIN:-build-devslim}
 O=${OUT:-/tmp}
-for f in "$BIN"/*.gz; do [[ -e $f ]] && gunzip -f "$f"; done
-chmod +x "$BIN"/* 2>/dev/null
-export LD_LIBRARY_PATH="$BIN:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+source "$(dirname "$0")/device_bin_env.sh"
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
   for t in test_cuda_scan test_cuda_scan_backward test_cuda_scan_bf16 test_cuda_scan_associative test_cuda_layers \

@@ -12,9 +12,7 @@ set -u
 BIN=${BIN:-build-devslim}
 O=${OUT:-/tmp}
 HERE=$(cd "$(dirname "$0")" && pwd)
-for f in "$BIN"/*.gz; do [[ -e $f ]] && gunzip -f "$f"; done
-chmod +x "$BIN"/* 2>/dev/null
-export LD_LIBRARY_PATH="$BIN:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+source "$(dirname "$0")/device_bin_env.sh"
 {
   for v in ${VARIANTS:?set VARIANTS, e.g. \"parent new\"}; do
     for t in test_cuda_layers test_cuda_step test_cuda_model; do
