@@ -20,9 +20,9 @@
  *   2. kernel::bwd_scan (per segment): tiles of 8 steps last to first, staged by cp.async and
  *      widened once per block (softplus, sigmoid, dy = dout silu(z) per (step, channel)); per
  *      chunk: the entering state (checkpoint, corrected by the segment's entering state), a
- *      forward recompute keeping h_{t-1} in registers and a_t = exp(dt A) in shared memory
- *      (computing dz and out), then the reverse sweep g_t = C_t dy_t + a_{t+1} g_{t+1}
- *      (computing du and ddelta) accumulating dA, dD, ddelta_bias per thread. The four outputs
+ *      forward recompute keeping h_{t-1} in registers (computing dz and out), then the reverse
+ *      sweep g_t = C_t dy_t + a_{t+1} g_{t+1} with a_t = exp(dt A) evaluated again (computing
+ *      du and ddelta) accumulating dA, dD, ddelta_bias per thread. The four outputs
  *      are staged in place in the widened tile and written as rows of 4-element vectors when
  *      the next tile is widened (by the thread that widens those slots). dB_t / dC_t (sums over
  *      channels): per warp through shared memory two steps at a time (bwd_xr_put /
@@ -31,8 +31,10 @@
  *   3. kernel::bwd_reduce_bc: dB / dC rows = the channel blocks' partials summed in block order.
  *   4. kernel::bwd_reduce_params: dA, dD, ddelta_bias += the per-(batch, segment) partials, in order.
  *  No atomics: results are bitwise deterministic for a given device, shape and policy.
- *  Exponentials per state-step: 2 with one segment (checkpoint pass, recompute), ~3.5 with
- *  segments (plus the local adjoint of every segment but the first).
+ *  Exponentials per state-step: 3 with one segment (checkpoint pass, recompute, reverse sweep),
+ *  ~4.5 with segments (plus the local adjoint of every segment but the first). The scan pass is
+ *  bound by shared memory (Nsight Compute: L1 / shared 85% busy, the MUFU pipe ~20%), so it
+ *  evaluates a_t in both of its sweeps rather than passing it through shared memory.
  *
  *  Workspace (floats; S = segments): batch x ceil(L/4) x d_inner x d_state (checkpoints)
  *    + ceil(d_inner/64) x batch x L x 2 kN (dB / dC partials; kN = 16 for d_state <= 16, else 32)
@@ -291,10 +293,6 @@ struct alignas(16) BwdScanSmem {
   /// warps (bwd_scan's flush) between the next tile's two barriers.
   alignas(16) float red[kBwdWarps][kBwdTile][2 * kN];
   alignas(16) BwdXr<kN> xr[kBwdWarps];  ///< per-warp staging of the channel sums (bwd_xr_put / bwd_xr_sum)
-  /// a_t = exp(dt A) of the chunk's steps, per thread (written by the recompute, read back by
-  /// the reverse sweep of the same thread: 4 shared-memory accesses instead of 2 x kNT
-  /// multiplies and exponentials per step); [step][float4 group][thread]: conflict-free.
-  float4 at[kBwdChunk][kN / kBwdSplit / 4][kBwdThreads];
   /// The state entering the thread's segment (segments > 0; read once per chunk: kept out of
   /// the registers), [float4 group][thread].
   float4 hs[kN / kBwdSplit / 4][kBwdThreads];
@@ -751,8 +749,8 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
 /// with half the states): tiles of the segment last to first, staged by cp.async (the next
 /// one loads while this one computes) and widened once; per chunk of kBwdChunk steps, last to
 /// first: the entering state (checkpoint + exp(A cum) x state entering the segment), a forward
-/// recompute keeping h_{t-1} in registers and a_t in shared memory that also writes dz / out
-/// and reduces dC_t, then the reverse sweep g_t = C_t dy_t + a_{t+1} g_{t+1} writing du,
+/// recompute keeping h_{t-1} in registers that also writes dz / out and reduces dC_t, then the
+/// reverse sweep g_t = C_t dy_t + a_{t+1} g_{t+1} (a_t evaluated again) writing du,
 /// ddelta and reducing dB_t, with dA, dD, ddelta_bias accumulated per thread. dB / dC: summed
 /// over the warp's 16 channels in shared memory (bwd_xr_put / bwd_xr_sum, every second step),
 /// then the block's 4 warps summed in order into one partial row per block. The two threads of
@@ -863,7 +861,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
     }
     if (c > c_first) fetch_ck(c - 1);
 
-    // Forward recompute: h_{t-1} kept, a_t to shared memory, dz / out written, dC_t reduced.
+    // Forward recompute: h_{t-1} kept, dz / out written, dC_t reduced.
     float hp[K][kNT];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -890,7 +888,6 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
             if (e & 1) y1 = fmaf(hcur[i], Cv[e], y1);
             else y0 = fmaf(hcur[i], Cv[e], y0);
           }
-          sm.at[k][q][tid] = make_float4(at[0], at[1], at[2], at[3]);
         }
         float const dy = sm.ck.dy[kk][ch];
         float vC[kNT];
@@ -925,10 +922,15 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
         float vB[kNT];
 #pragma unroll
         for (int q = 0; q < kNT / 4; ++q) {
-          float4 const Bq = B4[q], Cq = C4[q], Aq = sm.at[k][q][tid];
+          float4 const Bq = B4[q], Cq = C4[q];
           float const Bv[4] = {Bq.x, Bq.y, Bq.z, Bq.w};
           float const Cv[4] = {Cq.x, Cq.y, Cq.z, Cq.w};
-          float const Av[4] = {Aq.x, Aq.y, Aq.z, Aq.w};
+          // a_t evaluated again (bitwise the recompute's value): shared memory is this kernel's
+          // busiest unit and the MUFU pipe is not, so a round trip through shared memory cost
+          // more than the exponentials (5.92 -> 5.60 ms at (8, 2048, 8192, 16), bf16).
+          float Av[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) Av[e] = ex2_approx(dt * A2[4 * q + e]);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             int const i = 4 * q + e;
