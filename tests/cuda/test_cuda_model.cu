@@ -368,8 +368,10 @@ namespace {
 
 /// Shapes of the persistent decode step (d_model, d_inner multiples of 32): several layers;
 /// RMSNorm with biases, no conv bias, tied head, d_state 32, d_conv 5, an x_proj width that is
-/// not a multiple of 4 (scalar partial sums); a model whose channel blocks (24 channels each on
-/// a 132-SM H200) leave the last one partial.
+/// not a multiple of 4 (scalar partial sums); a model whose out_proj has 26 k steps (the
+/// warp-specialised kernel's per-warp y fetch, with more steps than warps, not a multiple of
+/// them; the first two shapes, 4 and 9 steps, and the last take the block-wide fetch); a model
+/// whose channel blocks (24 channels each on a 132-SM H200) leave the last one partial.
 ModelConfig persistent_config(int v) {
   ModelConfig c;
   switch (v) {
@@ -379,6 +381,9 @@ ModelConfig persistent_config(int v) {
     case 1:
       c.d_model = 96; c.n_layer = 2; c.expand = 3; c.d_state = 32; c.d_conv = 5; c.dt_rank = 5;
       c.bias = true; c.conv_bias = false; c.rms_norm = true; c.tie_embeddings = true; c.vocab_size = 264;
+      break;
+    case 3:  // d_inner 832: 26 out_proj k steps of 32 columns (>= 16 warps, not a multiple of 16)
+      c.d_model = 416; c.n_layer = 2; c.d_state = 16; c.d_conv = 4; c.rms_norm = false; c.tie_embeddings = false;
       break;
     default:  // d_inner 2176: 24 channels per block on 132 SMs, the last block has 16
       c.d_model = 544; c.n_layer = 1; c.expand = 4; c.d_state = 16; c.d_conv = 4; c.rms_norm = false;
@@ -415,7 +420,7 @@ TEST_CASE("cuda model: the persistent decode step equals the parallel forward an
             mambabyte::backend::cuda::persistent_detail::kWsThreads);
   }
 #endif
-  for (int v = 0; v < 3; ++v) {
+  for (int v = 0; v < 4; ++v) {
     auto const c = persistent_config(v);
     for (int batch : {1, 2, 3, 4}) {
       CAPTURE(v, batch);
@@ -484,7 +489,7 @@ TEST_CASE("cuda model: the persistent step over many launches and changes of bat
 // under racecheck).
 TEST_CASE("cuda model: persistent decode step, every shape once (racecheck)", "[.][race]") {
   REQUIRE_GPU();
-  for (int v = 0; v < 3; ++v)
+  for (int v = 0; v < 4; ++v)
     for (int batch : {1, 4}) {
       CAPTURE(v, batch);
       auto const p = decode_vs_parallel<mcu::bf16>(persistent_config(v), batch, 720 + v);

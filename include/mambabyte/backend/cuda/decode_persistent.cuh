@@ -18,7 +18,9 @@
  *   B  xdbl = round_S(X), then per channel dt_proj, softplus, the state update, D skip and
  *      SiLU(z) gate -> y (exchange Y).
  *   C  y of all channels (exchange Y), out_proj rows of the block, residual r[b][m] +=
- *      round_S(. + bias) (the block keeps its rows in shared memory) -> exchange R.
+ *      round_S(. + bias) (the block keeps its rows in shared memory) -> exchange R. In the
+ *      warp-specialised kernel each warp fetches only the y columns of its own k steps of the
+ *      out_proj GEMV and multiplies them (gemv_mma_y): no block-wide fetch and barrier first.
  *  Head: norm_f(r) times the block's rows of lm_head -> fp32 logits.
  *
  *  Exchanges (P, X, Y, R; NCCL's "LL" idea): every value travels in a 64-bit word whose high
@@ -88,9 +90,10 @@ inline constexpr int kWsThreads = kThreads + kProducerThreads;
 /// Registers per thread of the warp-specialised kernel's two roles (setmaxnreg): the block starts
 /// with kWsLaunchRegs (65536 / 640 rounded down to 8); the producers give back what the consumers
 /// take (128 * (96 - 64) = 512 * (104 - 96)). ptxas (CUDA 13.0, sm_90a) reports a small spill in
-/// the batch-1 kernel (16-56 bytes depending on the build) and none at batch 2-4; compiled with the
-/// producers at 96 (no setmaxnreg.dec) the batch-1 kernel does not spill, so it is the producers'
-/// (at 32 / 112 they spilled 168 bytes).
+/// the batch-1 kernel (16-56 bytes depending on the build; compiled with the producers at 96, no
+/// setmaxnreg.dec, it does not spill, so it is the producers') and, since out_proj fetches its own
+/// y (both phase C paths compiled), 12-16 bytes stored / 28-48 loaded at batch 2-4, mostly outside
+/// the layer loop (at 32 / 112 the producers spilled 168 bytes).
 inline constexpr int kWsLaunchRegs = 65536 / kWsThreads / 8 * 8;
 inline constexpr int kWsConsumerRegs = 104;
 inline constexpr int kWsProducerRegs = 64;
@@ -401,6 +404,99 @@ __device__ __forceinline__ void gemv_mma(unsigned char const* W, int ws, int row
   csync();
 }
 
+/// Steps per warp and batch rows for which out_proj fetches its own y (gemv_mma_y).
+inline constexpr int kYSteps = 4;
+inline constexpr int kYMaxBatch = 4;
+/// Whether gemv_mma_y applies to out_proj: one 16-row group with one k slice per warp (ks_n =
+/// kWarps: at least kWarps steps of 32 columns), at most kYSteps steps per warp. (gemv_mma_y would
+/// also match gemv_mma with fewer steps, but admitting them made ptxas spill 104-136 bytes in
+/// the batch 2-4 kernels, and batch 4 slower by 8%: measured, run 74.)
+__host__ __device__ inline bool y_fused_fits(int rows_pad, int ks_n, int K) {
+  return rows_pad == 16 && ks_n == kWarps && K % 32 == 0 && K / 32 <= kYSteps * kWarps;
+}
+
+/// gemv_mma for out_proj with y taken straight from exchange Y (src: the layer's words, h2 = di / 2
+/// words per batch row, `flag` the layer's): each warp loads the words of its own k steps (16
+/// bf16 pairs of each batch row per step; all of the warp's words in flight together), waits for
+/// them, stages them in its own columns of X and multiplies. No block-wide fetch and barrier
+/// between the exchange and the GEMV: a warp waits only for the blocks whose channels its steps
+/// cover (the block still ends at the barrier after every warp's words have arrived). Same
+/// arithmetic and order as gemv_mma with its k split min(kWarps, K / 32) (bitwise the same out).
+/// Preconditions: y_fused_fits(16, kWarps, K), kB <= kYMaxBatch. Ends with a barrier of the
+/// computing threads; all of them must call it.
+template <int kB>
+__device__ __forceinline__ void gemv_mma_y(unsigned char const* W, int ws, int rows_st, unsigned char* X, int xs,
+                                           int K, float* red, float* out, unsigned long long const* src, int h2,
+                                           unsigned flag) {
+  static_assert(kB >= 1 && kB <= kYMaxBatch, "batch rows per warp step: 16 kB words");
+  constexpr int rows_pad = 16, ks_n = kWarps;
+  constexpr int kPer = kYSteps * kB * 16 / 32;  // words per lane (at most)
+  int const tid = static_cast<int>(threadIdx.x);
+  int const warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  int const steps = K / 32, ks = warp;
+  int const nj = ks < steps ? (steps - ks + ks_n - 1) / ks_n : 0;
+  // word q of the warp: step j = q / (16 kB), batch row b, pair k of that step's 16
+  auto word = [&](int q, int& j, int& b, int& k) {
+    j = q / (16 * kB);
+    int const rem = q - j * 16 * kB;
+    b = rem >> 4;
+    k = rem & 15;
+  };
+  unsigned long long w[kPer];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    int j, b, k;
+    word(u * 32 + lane, j, b, k);
+    w[u] = j < nj ? ll_load(src + static_cast<std::size_t>(b) * h2 + 16 * (ks + j * ks_n) + k) : 0ull;
+  }
+  // every word of the warp waited for and staged before the multiplies (the poll is an out-of-line
+  // call: waiting step by step between the multiplies spilled their accumulators around it)
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    int j, b, k;
+    word(u * 32 + lane, j, b, k);
+    if (j < nj) {
+      int const c = 16 * (ks + j * ks_n) + k;  // the word's pair within its row
+      *reinterpret_cast<unsigned*>(X + static_cast<std::size_t>(b) * xs + 4 * c) =
+          ll_wait(src + static_cast<std::size_t>(b) * h2 + c, w[u], flag);
+    }
+  }
+  __syncwarp();
+  int const ra = g, rb = g + 8;
+  bool const va = ra < rows_st, vb = rb < rows_st, vx = g < kB;
+  unsigned char const* pa = W + static_cast<std::size_t>(va ? ra : 0) * ws + 16 * t;
+  unsigned char const* pb = W + static_cast<std::size_t>(vb ? rb : 0) * ws + 16 * t;
+  unsigned char const* px = X + static_cast<std::size_t>(vx ? g : 0) * xs + 16 * t;
+  uint4 const zero = make_uint4(0u, 0u, 0u, 0u);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < kYSteps; ++j) {
+    if (j < nj) {  // warp-uniform
+      int const s = ks + j * ks_n;
+      uint4 const a = va ? *reinterpret_cast<uint4 const*>(pa + 64 * s) : zero;
+      uint4 const b = vb ? *reinterpret_cast<uint4 const*>(pb + 64 * s) : zero;
+      uint4 const x = vx ? *reinterpret_cast<uint4 const*>(px + 64 * s) : zero;
+      decode_detail::mma_bf16(acc, a.x, b.x, a.y, b.y, x.x, x.y);
+      decode_detail::mma_bf16(acc, a.z, b.z, a.w, b.w, x.z, x.w);
+    }
+  }
+  if (ks < steps) {
+    float* r0 = red + (static_cast<std::size_t>(ks) * rows_pad + ra) * 8 + 2 * t;
+    r0[0] = acc[0];
+    r0[1] = acc[1];
+    r0[64] = acc[2];
+    r0[65] = acc[3];
+  }
+  int const ksn = steps < ks_n ? steps : ks_n;  // slices written
+  csync();
+  for (int i = tid; i < rows_pad * 8; i += kThreads) {
+    float s = 0.f;
+    for (int q = 0; q < ksn; ++q) s += red[static_cast<std::size_t>(q) * rows_pad * 8 + i];
+    out[i] = s;
+  }
+  csync();
+}
+
 /// norm(src rows b < B) -> XN (bf16 rows, stride sA); src = table[tokens[b]] or the residual rows
 /// in shared memory (RS, from exchange R). Threads split into row teams of kThreads / Bp (Bp: B
 /// rounded up to a power of two); a thread holds <= kNormVec float4 of its row. Block barriers
@@ -646,6 +742,13 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
   int constexpr kGate = 1;
 #endif
   static_assert(kGate >= 0 && kGate <= 2, "MAMBABYTE_PERSISTENT_GATE: 0 (none), 1 (after the X fetch), 2 (after the Y fetch)");
+  // out_proj fetches its own y columns per warp (gemv_mma_y): the warp-specialised kernel
+  // (MAMBABYTE_PERSISTENT_NO_YFUSE: the block-wide fetch, for A/B measurements)
+#if defined(MAMBABYTE_PERSISTENT_NO_YFUSE)
+  bool const yfused = false;
+#else
+  bool const yfused = ws && kGate != 2 && kB <= kYMaxBatch && y_fused_fits(rpadC, lo.ksC, di);
+#endif
   if (blockDim.x != nthreads) __trap();  // the host launched the other variant's block size
   // the copy team: 16-byte cp.async by the threads first, first + stride, ...; bulk copies by the
   // lanes of one warp, the barrier armed by one thread (the producer warpgroup when ws, else the
@@ -1043,8 +1146,21 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
     csync();  // B's shared memory (and the y staging) is consumed
     if (ws && cv > 0) mbar_arrive(mbar + 5);
 
-    // ---- C: out_proj rows + residual; y of all channels (exchange Y), B(l + 1) issued meanwhile
-    if (rv > 0) {
+    // ---- C: out_proj rows + residual; y of all channels (exchange Y), B(l + 1) issued meanwhile.
+    // Warp-specialised: each warp fetches the y columns of its own k steps inside the GEMV
+    // (gemv_mma_y), no block-wide fetch and barrier first; the Y wait is then part of stamps
+    // 14 -> 15.
+    if (yfused) {
+      MAMBABYTE_PSTAMP(l, 19);
+      MAMBABYTE_PSTAMP(l, 12);
+      MAMBABYTE_PSTAMP(l, 13);
+      if (rv > 0) {
+        mbar_wait(mbar + 1, static_cast<unsigned>(l & 1));  // layer l's out_proj rows
+        MAMBABYTE_PSTAMP(l, 14);
+        if constexpr (kB <= kYMaxBatch)
+          gemv_mma_y<kB>(smem + lo.oWC, lo.sC, rv, smem + lo.oY, lo.sC, di, red, out, wy(l), di / 2, flag(l, 2));
+      }
+    } else if (rv > 0) {
       int const h2 = di / 2;  // bf16 pairs of a y row
       unsigned char* yrows = smem + lo.oY;
       ll_fetch<4>(wy(l), B * h2, flag(l, 2), [&] {
@@ -1057,15 +1173,19 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
     } else if (!ws) {
       issue_b(l + 1);
     }
-    MAMBABYTE_PSTAMP(l, 12);
-    if (!ws) cp_async_wait_2();
-    csync();
-    MAMBABYTE_PSTAMP(l, 13);
-    if (ws && kGate == 2 && cv > 0) mbar_arrive(mbar + 3);  // A(l)'s, after the Y fetch
+    if (!yfused) {
+      MAMBABYTE_PSTAMP(l, 12);
+      if (!ws) cp_async_wait_2();
+      csync();
+      MAMBABYTE_PSTAMP(l, 13);
+      if (ws && kGate == 2 && cv > 0) mbar_arrive(mbar + 3);  // A(l)'s, after the Y fetch
+      if (rv > 0) {
+        if (bulk || ws) mbar_wait(mbar + 1, static_cast<unsigned>(l & 1));  // layer l's out_proj rows
+        MAMBABYTE_PSTAMP(l, 14);
+        gemv_mma(smem + lo.oWC, lo.sC, rv, rpadC, smem + lo.oY, lo.sC, B, di, lo.ksC, red, out);
+      }
+    }
     if (rv > 0) {
-      if (bulk || ws) mbar_wait(mbar + 1, static_cast<unsigned>(l & 1));  // layer l's out_proj rows
-      MAMBABYTE_PSTAMP(l, 14);
-      gemv_mma(smem + lo.oWC, lo.sC, rv, rpadC, smem + lo.oY, lo.sC, B, di, lo.ksC, red, out);
       MAMBABYTE_PSTAMP(l, 15);
       float const* ob = f32(lo.oOB);
       unsigned const fr = flag(l, 3);
