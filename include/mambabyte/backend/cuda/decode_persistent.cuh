@@ -357,6 +357,37 @@ __device__ __forceinline__ void ll_fetch(unsigned long long const* src, int n, u
   }
 }
 
+/// k step s (32 columns) of a GEMV task: two m16n8k16 products into acc (rows ra / rb of W at pa /
+/// pb, batch row g of X at px; invalid ones read as zeros).
+__device__ __forceinline__ void gemv_step(float (&acc)[4], unsigned char const* pa, unsigned char const* pb,
+                                          unsigned char const* px, int s, bool va, bool vb, bool vx) {
+  uint4 const zero = make_uint4(0u, 0u, 0u, 0u);
+  uint4 const a = va ? *reinterpret_cast<uint4 const*>(pa + 64 * s) : zero;
+  uint4 const b = vb ? *reinterpret_cast<uint4 const*>(pb + 64 * s) : zero;
+  uint4 const x = vx ? *reinterpret_cast<uint4 const*>(px + 64 * s) : zero;
+  decode_detail::mma_bf16(acc, a.x, b.x, a.y, b.y, x.x, x.y);
+  decode_detail::mma_bf16(acc, a.z, b.z, a.w, b.w, x.z, x.w);
+}
+/// A task's accumulators (k slice ks, rows ra and ra + 8, columns 2t, 2t + 1) into red.
+__device__ __forceinline__ void gemv_partial(float* red, int ks, int rows_pad, int ra, int t, float const (&acc)[4]) {
+  float* r0 = red + (static_cast<std::size_t>(ks) * rows_pad + ra) * 8 + 2 * t;
+  r0[0] = acc[0];
+  r0[1] = acc[1];
+  r0[64] = acc[2];
+  r0[65] = acc[3];
+}
+/// After a barrier, out = the first `slices` k slices of red summed in slice order; a barrier ends it.
+__device__ __forceinline__ void gemv_reduce(float const* red, float* out, int rows_pad, int slices) {
+  int const tid = static_cast<int>(threadIdx.x);
+  csync();
+  for (int i = tid; i < rows_pad * 8; i += kThreads) {
+    float s = 0.f;
+    for (int q = 0; q < slices; ++q) s += red[static_cast<std::size_t>(q) * rows_pad * 8 + i];
+    out[i] = s;
+  }
+  csync();
+}
+
 /// out[row * 8 + n] = sum_k W[row, k] X[n, k] for row < rows_pad (a multiple of 16), n < 8: rows
 /// >= rows_st of W and n >= nx of X read as zeros. W, X: bf16 rows in shared memory (strides ws, xs
 /// bytes, = 64 mod 128: conflict-free 16-byte loads). A warp task is a 16-row group and the k
@@ -379,29 +410,12 @@ __device__ __forceinline__ void gemv_mma(unsigned char const* W, int ws, int row
     unsigned char const* pa = W + static_cast<std::size_t>(va ? ra : 0) * ws + 16 * t;
     unsigned char const* pb = W + static_cast<std::size_t>(vb ? rb : 0) * ws + 16 * t;
     unsigned char const* px = X + static_cast<std::size_t>(vx ? g : 0) * xs + 16 * t;
-    uint4 const zero = make_uint4(0u, 0u, 0u, 0u);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 4
-    for (int s = ks; s < steps; s += ks_n) {
-      uint4 const a = va ? *reinterpret_cast<uint4 const*>(pa + 64 * s) : zero;
-      uint4 const b = vb ? *reinterpret_cast<uint4 const*>(pb + 64 * s) : zero;
-      uint4 const x = vx ? *reinterpret_cast<uint4 const*>(px + 64 * s) : zero;
-      decode_detail::mma_bf16(acc, a.x, b.x, a.y, b.y, x.x, x.y);
-      decode_detail::mma_bf16(acc, a.z, b.z, a.w, b.w, x.z, x.w);
-    }
-    float* r0 = red + (static_cast<std::size_t>(ks) * rows_pad + ra) * 8 + 2 * t;
-    r0[0] = acc[0];
-    r0[1] = acc[1];
-    r0[64] = acc[2];
-    r0[65] = acc[3];
+    for (int s = ks; s < steps; s += ks_n) gemv_step(acc, pa, pb, px, s, va, vb, vx);
+    gemv_partial(red, ks, rows_pad, ra, t, acc);
   }
-  csync();
-  for (int i = tid; i < rows_pad * 8; i += kThreads) {
-    float s = 0.f;
-    for (int q = 0; q < ks_n; ++q) s += red[static_cast<std::size_t>(q) * rows_pad * 8 + i];
-    out[i] = s;
-  }
-  csync();
+  gemv_reduce(red, out, rows_pad, ks_n);
 }
 
 /// Steps per warp and batch rows for which out_proj fetches its own y (gemv_mma_y).
@@ -467,34 +481,12 @@ __device__ __forceinline__ void gemv_mma_y(unsigned char const* W, int ws, int r
   unsigned char const* pa = W + static_cast<std::size_t>(va ? ra : 0) * ws + 16 * t;
   unsigned char const* pb = W + static_cast<std::size_t>(vb ? rb : 0) * ws + 16 * t;
   unsigned char const* px = X + static_cast<std::size_t>(vx ? g : 0) * xs + 16 * t;
-  uint4 const zero = make_uint4(0u, 0u, 0u, 0u);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-  for (int j = 0; j < kYSteps; ++j) {
-    if (j < nj) {  // warp-uniform
-      int const s = ks + j * ks_n;
-      uint4 const a = va ? *reinterpret_cast<uint4 const*>(pa + 64 * s) : zero;
-      uint4 const b = vb ? *reinterpret_cast<uint4 const*>(pb + 64 * s) : zero;
-      uint4 const x = vx ? *reinterpret_cast<uint4 const*>(px + 64 * s) : zero;
-      decode_detail::mma_bf16(acc, a.x, b.x, a.y, b.y, x.x, x.y);
-      decode_detail::mma_bf16(acc, a.z, b.z, a.w, b.w, x.z, x.w);
-    }
-  }
-  if (ks < steps) {
-    float* r0 = red + (static_cast<std::size_t>(ks) * rows_pad + ra) * 8 + 2 * t;
-    r0[0] = acc[0];
-    r0[1] = acc[1];
-    r0[64] = acc[2];
-    r0[65] = acc[3];
-  }
-  int const ksn = steps < ks_n ? steps : ks_n;  // slices written
-  csync();
-  for (int i = tid; i < rows_pad * 8; i += kThreads) {
-    float s = 0.f;
-    for (int q = 0; q < ksn; ++q) s += red[static_cast<std::size_t>(q) * rows_pad * 8 + i];
-    out[i] = s;
-  }
-  csync();
+  for (int j = 0; j < kYSteps; ++j)
+    if (j < nj) gemv_step(acc, pa, pb, px, ks + j * ks_n, va, vb, vx);  // warp-uniform
+  if (ks < steps) gemv_partial(red, ks, rows_pad, ra, t, acc);
+  gemv_reduce(red, out, rows_pad, steps < ks_n ? steps : ks_n);  // the slices written
 }
 
 /// norm(src rows b < B) -> XN (bf16 rows, stride sA); src = table[tokens[b]] or the residual rows
