@@ -25,8 +25,9 @@
  *
  *  Exchanges (P, X, Y, R; NCCL's "LL" idea): every value travels in a 64-bit word whose high
  *  half is a flag, epoch * 1024 + 4 l + e + 1, written by one relaxed 64-bit store; readers poll
- *  the words with relaxed 64-bit loads until the flag matches. A value is thus read one L2 round
- *  trip after it was written, with no fence, counter or barrier round trips in between. Buffers
+ *  the words with relaxed 64-bit loads until the flag matches (a thread's words of a fetch all
+ *  polled together: ll_wait_all). A value is thus read one L2 round trip after it was written,
+ *  with no fence, counter or barrier round trips in between. Buffers
  *  are double-buffered by layer parity: a writer can be at most one layer ahead of a reader of
  *  the same buffer (each exchange needs the previous one's values from every block that takes
  *  part in it). The epoch (one per launch) lives in device memory: every block reads it at the
@@ -331,6 +332,25 @@ __device__ __noinline__ unsigned ll_poll(unsigned long long const* a, unsigned f
 __device__ __forceinline__ unsigned ll_wait(unsigned long long const* a, unsigned long long w, unsigned flag) {
   return static_cast<unsigned>(w >> 32) == flag ? static_cast<unsigned>(w) : ll_poll(a, flag);
 }
+/// Waits until the words w[u < n] carry `flag`; load(u) loads word u again. Every round loads the
+/// words that are not yet current together: one round trip per round, where waiting for the
+/// words one after another costs a round trip per word that was not there at the first load.
+template <int kN, class Load>
+__device__ __forceinline__ void ll_wait_all(unsigned long long (&w)[kN], int n, unsigned flag, Load&& load) {
+  unsigned long long t0 = 0;
+  for (unsigned spin = 0;; ++spin) {
+    bool all = true;
+#pragma unroll
+    for (int u = 0; u < kN; ++u) all = all && (u >= n || static_cast<unsigned>(w[u] >> 32) == flag);
+    if (all) return;
+    if (spin == 0) t0 = globaltimer();
+    else if ((spin & 255u) == 0 && globaltimer() - t0 > kPollTimeoutNs) __trap();  // a block is not resident
+#pragma unroll
+    for (int u = 0; u < kN; ++u)
+      if (u < n && static_cast<unsigned>(w[u] >> 32) != flag) w[u] = load(u);
+  }
+}
+
 /// sink(i, value) for the words src[0 .. n) once their flags are `flag`; the threads take kLL words
 /// each per round, all loads of a round in flight together; between() runs once, after the first
 /// round's loads are issued and before their values are waited for (work that hides the round
@@ -349,11 +369,12 @@ __device__ __forceinline__ void ll_fetch(unsigned long long const* src, int n, u
     }
     if (first) between();
     first = false;
+    // the thread's words of the round: u < nu (i = i0 + u kThreads + tid < n)
+    int const nu = n - i0 - tid <= 0 ? 0 : min(kLL, (n - i0 - tid + kThreads - 1) / kThreads);
+    ll_wait_all(w, nu, flag, [&](int u) { return ll_load(src + i0 + u * kThreads + tid); });
 #pragma unroll
-    for (int u = 0; u < kLL; ++u) {
-      int const i = i0 + u * kThreads + tid;
-      if (i < n) sink(i, ll_wait(src + i, w[u], flag));
-    }
+    for (int u = 0; u < kLL; ++u)
+      if (u < nu) sink(i0 + u * kThreads + tid, static_cast<unsigned>(w[u]));
   }
 }
 
@@ -463,16 +484,22 @@ __device__ __forceinline__ void gemv_mma_y(unsigned char const* W, int ws, int r
     word(u * 32 + lane, j, b, k);
     w[u] = j < nj ? ll_load(src + static_cast<std::size_t>(b) * h2 + 16 * (ks + j * ks_n) + k) : 0ull;
   }
-  // every word of the warp waited for and staged before the multiplies (the poll is an out-of-line
-  // call: waiting step by step between the multiplies spilled their accumulators around it)
+  // every word of the warp waited for and staged before the multiplies (waiting step by step
+  // between the multiplies spilled their accumulators around the poll); the lane's words are
+  // u < nu (q = 32 u + lane < 16 kB nj), polled together (ll_wait_all)
+  int const nq = 16 * kB * nj, nu = nq - lane <= 0 ? 0 : (nq - lane + 31) / 32;
+  ll_wait_all(w, nu, flag, [&](int u) {
+    int j, b, k;
+    word(u * 32 + lane, j, b, k);
+    return ll_load(src + static_cast<std::size_t>(b) * h2 + 16 * (ks + j * ks_n) + k);
+  });
 #pragma unroll
   for (int u = 0; u < kPer; ++u) {
     int j, b, k;
     word(u * 32 + lane, j, b, k);
-    if (j < nj) {
+    if (u < nu) {
       int const c = 16 * (ks + j * ks_n) + k;  // the word's pair within its row
-      *reinterpret_cast<unsigned*>(X + static_cast<std::size_t>(b) * xs + 4 * c) =
-          ll_wait(src + static_cast<std::size_t>(b) * h2 + c, w[u], flag);
+      *reinterpret_cast<unsigned*>(X + static_cast<std::size_t>(b) * xs + 4 * c) = static_cast<unsigned>(w[u]);
     }
   }
   __syncwarp();
