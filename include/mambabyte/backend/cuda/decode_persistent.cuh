@@ -56,8 +56,10 @@
  *
  *  Numerics: the rounding points of decode.cuh and the layer-by-layer path are kept (normed
  *  input, xz, u, xdbl, y and the out_proj output rounded to bf16; fp32 state, residual and
- *  accumulators); only fp32 summation orders differ. Every sum has a fixed order: results are
- *  bitwise reproducible run to run.
+ *  accumulators); fp32 summation orders differ, and the conv's SiLU, delta's softplus and the
+ *  norm's 1 / sqrt take the one-special-function forms of prefill and the forward scans (a few
+ *  ulp from decode.cuh's). Every sum has a fixed order: results are bitwise reproducible run to
+ *  run.
  *
  *  The grid is launched with the cooperative attribute (co-residency guaranteed or the launch
  *  fails); without it (graph capture that refuses it) the grid of at most one block per SM is
@@ -78,6 +80,7 @@
 
 #include "mambabyte/backend/cuda/common.cuh"
 #include "mambabyte/backend/cuda/decode.cuh"
+#include "mambabyte/backend/cuda/selective_scan.cuh"
 #include "mambabyte/core/error.hpp"
 
 namespace mambabyte::backend::cuda {
@@ -139,6 +142,7 @@ struct Layout {
   int rpb = 0, ncb = 0;  ///< out_proj rows per block (multiple of 8), blocks owning rows
   int hpb = 0, nhb = 0;  ///< head rows per block, blocks owning head rows
   int sA = 0, sC = 0;    ///< smem row strides (bytes) of d_model- and d_inner-wide bf16 rows
+  float inv_dm = 0.f;    ///< 1 / d_model (the norm's mean: a division off the device's chain)
   int ksA = 1, ksC = 1, ksH = 1;  ///< k splits of the three GEMVs
   int redA = 0, redC = 0, redH = 0;
   std::size_t oWA = 0, oWX = 0, oNW = 0, oNB = 0, oCW = 0, oCB = 0, oIB = 0, oCS = 0;  // group A
@@ -174,6 +178,7 @@ struct Layout {
     nhb = ceil_div(classes, hpb);
     sA = row_stride(dm);
     sC = row_stride(di);
+    inv_dm = 1.f / static_cast<float>(dm);
     ksA = ksplit(round_up(2 * cpb, 16), dm);
     ksC = ksplit(round_up(rpb, 16), di);
     ksH = ksplit(round_up(hpb, 16), dm);
@@ -258,10 +263,21 @@ __device__ __forceinline__ void stage_rows(unsigned char* dst, int sstride, void
   if (first < 0) return;
   int const per = row_bytes / 16;
   auto const* s8 = static_cast<unsigned char const*>(src);
-  for (int i = first; i < rows * per; i += stride) {
-    int const r = i / per, c = i - r * per;
+  // copy i = r per + c; i += stride advances (r, c) by (dr, dc) with one carry: no division in the
+  // loop, and the loop not unrolled (the producer's code: batch 4 662-666 -> 594-599 us with
+  // `unroll 1` alone, run 83; 16.4k -> 12.6k instructions in the batch-4 kernel)
+  int const dr = stride / per, dc = stride - dr * per;
+  int r = first / per, c = first - r * per;
+#pragma unroll 1
+  while (r < rows) {
     decode_detail::cp_async16(dst + static_cast<std::size_t>(r) * sstride + 16 * c,
                               s8 + static_cast<std::size_t>(r) * gstride + 16 * c);
+    r += dr;
+    c += dc;
+    if (c >= per) {
+      c -= per;
+      ++r;
+    }
   }
 }
 __device__ __forceinline__ void stage(unsigned char* dst, void const* src, int bytes, int first, int stride) {
@@ -572,11 +588,11 @@ __device__ __forceinline__ void norm_rows_v(Params const& p, Layout const& lo, b
     s1 += __shfl_xor_sync(0xffffffffu, s1, o);
     s2 += __shfl_xor_sync(0xffffffffu, s2, o);
   }
-  float const inv = 1.f / static_cast<float>(dm);
+  float const inv = lo.inv_dm;
   float const m1 = s1 * inv;
   float const mean = p.rms ? 0.f : K + m1;
   float const var = p.rms ? s2 * inv : fmaxf(s2 * inv - m1 * m1, 0.f);
-  float const rstd = 1.f / sqrtf(var + p.eps);
+  float const rstd = rsqrtf(var + p.eps);  // MUFU.RSQ: a short chain (1 / sqrtf is ~2 ulp closer)
   if (active) {
     unsigned char* row = smem + lo.oXN + static_cast<std::size_t>(b) * lo.sA;
 #pragma unroll
@@ -917,6 +933,10 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
   float* U = f32(lo.oU);
   float* Z = f32(lo.oZ);
   float* XD = f32(lo.oXD);
+  // the SSM phase's lanes per (channel, batch row) item: a power of two <= 32, as many as the block
+  // has threads for (the same every layer: off the phase's dependent chain)
+  int ssm_lanes = 1;
+  while (ssm_lanes < 32 && cv * B * ssm_lanes * 2 <= kThreads) ssm_lanes *= 2;
   if (ws && tid >= kThreads) {
     // the producer warpgroup: a phase's copies of layer l as soon as the computing threads are
     // done with that phase's shared memory of layer l - 1 (its "empty" mbarrier), in the order
@@ -1008,7 +1028,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
         for (int k = 0; k < decode_detail::kMaxConv - 2; ++k)
           if (k < dc - 2) st[static_cast<std::size_t>(k) * di] = win[k + 1];
         if (dc > 1) st[static_cast<std::size_t>(dc - 2) * di] = xz;
-        U[b * lo.cpb + i] = round_s<bf16_t>(decode_detail::silu(acc));
+        U[b * lo.cpb + i] = round_s<bf16_t>(acc * fast::sigmoid_fast(acc));  // as prefill's conv (layers.cuh)
         Z[b * lo.cpb + i] = zz;
       };
       // x_proj partial of item it = (b, j) over the block's channels -> exchange P; 16-byte
@@ -1103,12 +1123,10 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
       float const* dd = f32(lo.oDD);
       float const* ss = f32(lo.oSS);
       bf16_t* ys = reinterpret_cast<bf16_t*>(smem + lo.oY);  // y of the block's channels, (B, cpb)
-      // lpi lanes per (channel, batch row) item (a power of two <= 32, as many as the block has
-      // threads for): each sums a strided share of the dt_proj row and of the states, then xor
-      // butterflies over the lanes (fixed order).
-      int const items = cv * B;
-      int lpi = 1;
-      while (lpi < 32 && items * lpi * 2 <= kThreads) lpi *= 2;
+      // lpi lanes per (channel, batch row) item (ssm_lanes, before the layer loop): each sums a
+      // strided share of the dt_proj row and of the states, then xor butterflies over the lanes
+      // (fixed order).
+      int const items = cv * B, lpi = ssm_lanes;
       // the lanes per item as a compile-time constant (unrolled butterflies, no loop overhead on
       // this phase's dependent chain); the same summation order for every LPI path
       auto ssm_items = [&]<int LPI>() {
@@ -1123,13 +1141,17 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
           float const dbias = L.dt_b ? db[i] : 0.f;
           float const Dd = L.D ? dd[i] : 0.f;
           float dtp = 0.f;
+          // (both loops not unrolled: six LPI copies of this body; unrolled, their code missed the
+          // instruction cache on every layer's entry: Nsight Compute's no-instruction stalls)
+#pragma unroll 1
           for (int r = sub; r < R; r += LPI) dtp = fmaf(__bfloat162float(wd[i * R + r]), xd[r], dtp);
 #pragma unroll
           for (int o = 1; o < LPI; o <<= 1) dtp += __shfl_xor_sync(0xffffffffu, dtp, o);
-          float const dt = decode_detail::softplus(round_s<bf16_t>(dtp) + dbias);
+          float const dt = scan_detail::softplus_fma(round_s<bf16_t>(dtp) + dbias);  // as the forward scans
           float const du = dt * u;
           float y = 0.f;
           float* sg = L.ssm_state + (static_cast<std::size_t>(b) * di + c0 + i) * N;
+#pragma unroll 1
           for (int n = sub; n < N; n += LPI) {
             float const A2 = -expf(al[i * N + n]) * decode_detail::kLog2e;
             float const h = fmaf(decode_detail::ex2_approx(dt * A2), ss[(b * lo.cpb + i) * N + n], du * xd[R + n]);
