@@ -254,8 +254,9 @@ struct Params {
 /// warp 0 (which issues the bulk copies of the in_proj / out_proj rows at batch 1).
 inline constexpr int kCopyThreads = kThreads - 32;
 
-/// rows x row_bytes (multiples of 16) from global (row stride gstride bytes) into shared memory
-/// (row stride sstride) with cp.async (16 bytes per copy, L2 only): copy i by the thread of the
+/// rows x row_bytes (multiples of 16, and row_bytes >= 16: the loop divides by row_bytes / 16; every
+/// caller's rows hold >= 8 elements of >= 2 bytes) from global (row stride gstride bytes) into
+/// shared memory (row stride sstride) with cp.async (16 bytes per copy, L2 only): copy i by the thread of the
 /// copy team with first == i mod stride (first < 0: the thread copies nothing); completed by the
 /// commit group the caller closes or by cp_async_arrive.
 __device__ __forceinline__ void stage_rows(unsigned char* dst, int sstride, void const* src, std::size_t gstride,

@@ -220,8 +220,9 @@ __device__ __forceinline__ float softplus_from_exp(float v, float e) {
 __device__ __forceinline__ float softplus_dev(float v) { return softplus_from_exp(v, expf(-fabsf(v))); }
 
 /// The same with e^-|v| by ex2.approx (a few ulp; about 8 instructions fewer per call): the
-/// scans' per-(step, channel) delta (5-9% of the forward scan's time on the H200). The decode
-/// step kernels keep softplus_dev; they agree with the scans to ~1e-7 relative.
+/// scans' per-(step, channel) delta (5-9% of the forward scan's time on the H200). decode.cuh's
+/// step kernels keep softplus_dev (the persistent step takes softplus_fma); they agree with the
+/// scans to ~1e-7 relative.
 __device__ __forceinline__ float softplus_fast(float v) {
   constexpr float kLog2e = 1.4426950408889634f;
   return softplus_from_exp(v, ex2_approx(-fabsf(v) * kLog2e));
