@@ -100,6 +100,9 @@ int main(int argc, char** argv) {
   tr->add_flag("!--no-progress", train.progress, "plain log lines instead of a progress bar");
   tr->add_option("--dtype", train.dtype, "training dtype on the CPU")->check(CLI::IsMember({"float", "double"}));
   add_device_options(tr, train.device, train.precision);
+  tr->add_flag("--recompute-activations", train.recompute_activations,
+               "on a GPU: recompute each layer's conv output and normed input in the backward instead of keeping "
+               "them (less memory, a slower step)");
   (void)steps;
 
   mbcli::NgramCliOptions ngram;

@@ -5,6 +5,8 @@
 //     grad, forward, backward, global norm, clip, fused AdamW) at 1 x 8192 and 4 x 8192 bytes.
 //     Counters: bytes/s, MFU = 6 params bytes/s / 790 TFLOP/s (the reference's definition),
 //     peak_GiB = device memory in use after the step minus before the engine existed.
+//     TrainStepRecompute: the same with set_keep_activations(false) (the backward runs each
+//     layer's conv and norm again instead of reading them: less memory, more time).
 //   - Prefill/<precision>/<batch>/<length>: the stateful forward (logits of every byte).
 //   - Decode/<precision>/<batch>: one graph-replayed decode step (the default path: bf16 batch
 //     <= 4 the persistent kernel of decode_persistent.cuh, else layer by layer); bytes/s = batch /
@@ -71,13 +73,14 @@ void time_loop(benchmark::State& state, backend::Cuda const& be, Fn&& fn) {
   (void)bench::cuda_time_loop(state, be, fn);
 }
 
-template <class S>
+template <class S, bool kKeep = true>
 void BM_TrainStep(benchmark::State& state) {
   int const batch = static_cast<int>(state.range(0)), L = static_cast<int>(state.range(1));
   auto const be = make_be();
   ModelConfig const c = bench_config();
   std::size_t const before = used_bytes();
   auto engine = std::make_unique<mcu::CudaStepEngine<S>>(c, be);
+  engine->model().set_keep_activations(kKeep);
   train::AdamW<float> opt(c, train::AdamWOptions{});
   engine->load(host_weights(), opt);
   auto const tokens = random_bytes(static_cast<std::size_t>(batch) * (L + 1), 7);
@@ -139,11 +142,12 @@ void register_all() {
                                                    : std::vector<std::pair<int, int>>{{1, 8192}, {4, 8192}};
   std::vector<std::pair<int, int>> prefill = g_quick ? std::vector<std::pair<int, int>>{{1, 512}}
                                                      : std::vector<std::pair<int, int>>{{1, 8192}, {8, 8192}};
-  std::vector<int> decode = {1, 4, 64};
+  std::vector<int> decode = {1, 4, 16, 64};
   int const it_train = g_quick ? 2 : 5, it_pre = g_quick ? 2 : 10, it_dec = g_quick ? 5 : 300;
   for (auto [b, l] : train) {
     benchmark::RegisterBenchmark("TrainStep/bf16", BM_TrainStep<mcu::bf16>)->Args({b, l})->UseManualTime()->Iterations(it_train)->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark("TrainStep/fp32", BM_TrainStep<float>)->Args({b, l})->UseManualTime()->Iterations(it_train)->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("TrainStepRecompute/bf16", BM_TrainStep<mcu::bf16, false>)->Args({b, l})->UseManualTime()->Iterations(it_train)->Unit(benchmark::kMillisecond);
   }
   for (auto [b, l] : prefill) {
     benchmark::RegisterBenchmark("Prefill/bf16", BM_Prefill<mcu::bf16>)->Args({b, l})->UseManualTime()->Iterations(it_pre)->Unit(benchmark::kMillisecond);

@@ -54,11 +54,17 @@ void check_precision(std::string const& p) {
 }  // namespace
 
 std::unique_ptr<mambabyte::train::StepEngine<float>> make_cuda_engine(mambabyte::ModelConfig const& config,
-                                                                     std::string const& precision, int device) {
+                                                                     std::string const& precision, int device,
+                                                                     bool recompute) {
   check_precision(precision);
   auto const be = make_be(device);
-  if (precision == "fp32") return std::make_unique<mcu::CudaStepEngine<float>>(config, be);
-  return std::make_unique<mcu::CudaStepEngine<mcu::bf16>>(config, be);
+  auto make = [&](auto tag) -> std::unique_ptr<mambabyte::train::StepEngine<float>> {
+    auto e = std::make_unique<mcu::CudaStepEngine<decltype(tag)>>(config, be);
+    e->model().set_keep_activations(!recompute);
+    return e;
+  };
+  if (precision == "fp32") return make(float{});
+  return make(mcu::bf16{});
 }
 
 mambabyte::EvalResult cuda_evaluate(mambabyte::ModelWeights<float> const& w, std::span<std::uint8_t const> data,

@@ -37,6 +37,7 @@ struct TrainCliOptions {
   std::string dtype = "float";
   std::string device = "auto";      ///< auto | cpu | cuda | cuda:N
   std::string precision = "bf16";   ///< on a GPU: bf16 (mixed) or fp32
+  bool recompute_activations = false;  ///< on a GPU: recompute conv / norm outputs in the backward
 };
 
 namespace detail {
@@ -125,6 +126,9 @@ int run_train_typed(TrainCliOptions const& o) {
   require(o.steps >= 0, "--steps must be >= 0");
   backend::Cpu const be = make_backend(ModelOptions{"", o.dtype, o.threads});
   DeviceChoice const dev = resolve_device(o.device, o.dtype, o.precision);
+  require(!o.recompute_activations || dev.cuda,
+          "--recompute-activations applies to training on a GPU (the CPU step always recomputes them); "
+          "this run trains on the CPU");
 
   // data
   ByteCorpus all = ByteCorpus::from_file(o.data);
@@ -187,7 +191,7 @@ int run_train_typed(TrainCliOptions const& o) {
   }
   Trainer<T>& tr = *trainer;
   if (dev.cuda) {
-    if constexpr (std::is_same_v<T, float>) tr.set_engine(make_cuda_engine(tr.weights().config(), o.precision, dev.index));
+    if constexpr (std::is_same_v<T, float>) tr.set_engine(make_cuda_engine(tr.weights().config(), o.precision, dev.index, o.recompute_activations));
   }
   if (!o.resume && o.steps == 0 && o.time_limit > 0) {
     // size the schedule to the budget: time a step (twice: the first warms caches), leave

@@ -125,6 +125,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
   expect "--device auto without a GPU runs on the CPU" 0 '"device":"cpu"' -- \
     "$bin" eval -m "$golden/hf_default" -d "$golden/text.txt" --json
 fi
+expect "train --recompute-activations on the CPU" nonzero 'recompute-activations applies to training on a GPU' -- \
+  "$bin" train -d "$golden/text.txt" --out "$tmp/recompute_cpu" --steps 1 --device cpu --recompute-activations
 expect "--dtype double --device cuda" nonzero 'CPU only|without the CUDA backend|CUDA device' -- \
   "$bin" eval -m "$golden/hf_default" -d "$golden/text.txt" --dtype double --device cuda
 

@@ -189,6 +189,53 @@ TEST_CASE("cuda model: gradients accumulate, are scaled, and are bitwise reprodu
   CHECK(std::equal(h1.flat().begin(), h1.flat().end(), h3.flat().begin()));  // deterministic
 }
 
+namespace {
+/// Loss and every gradient of one step with the activations kept (the default) and recomputed
+/// (set_keep_activations(false)) on the same model object: bitwise equal, also after an
+/// inference call in between (which must not read the training step's per-layer slices).
+template <class S>
+void check_keep_equals_recompute(int variant, int batch, int L, std::uint64_t seed) {
+  auto const c = config_variant(variant);
+  auto const wf = random_weights<float>(c, seed);
+  std::mt19937_64 rng(seed + 1);
+  auto tokens = random_tokens(static_cast<std::size_t>(batch) * (L + 1), 256, rng);
+  auto const be = make_be();
+  mcu::DeviceWeights<S> w(wf, be);
+  mcu::Model<S> m(be);
+  REQUIRE(m.keep_activations());
+  auto run = [&](bool keep) {
+    m.set_keep_activations(keep);
+    mcu::DeviceWeights<float> g(c, be);
+    double const loss = m.forward_backward(w, tokens, batch, g);
+    ModelWeights<float> h(c);
+    g.download(h);
+    return std::pair{loss, h};
+  };
+  auto const [l_keep, g_keep] = run(true);
+  auto const [l_re, g_re] = run(false);
+  // inference in between, then a kept step again
+  mcu::DeviceState st(c, batch, be);
+  (void)m.forward(w, std::span<std::int32_t const>(tokens.data(), static_cast<std::size_t>(batch) * 3), batch, 3, st);
+  auto const [l_again, g_again] = run(true);
+  CHECK(l_keep == l_re);
+  CHECK(l_keep == l_again);
+  CHECK(std::equal(g_keep.flat().begin(), g_keep.flat().end(), g_re.flat().begin()));
+  CHECK(std::equal(g_keep.flat().begin(), g_keep.flat().end(), g_again.flat().begin()));
+  bool any = false;
+  for (float x : g_keep.flat()) any = any || x != 0.f;
+  CHECK(any);
+}
+}  // namespace
+
+TEST_CASE("cuda model: a step that keeps activations equals one that recomputes them, bitwise", "[cuda][model][small]") {
+  REQUIRE_GPU();
+  for (int v = 0; v < 3; ++v) {
+    CAPTURE(v);
+    check_keep_equals_recompute<float>(v, 2, 37, 300 + v);
+    check_keep_equals_recompute<mcu::bf16>(v, 3, 130, 310 + v);
+  }
+}
+
 TEST_CASE("cuda model: stateful forward in chunks and the graph decode step match the CPU", "[cuda][model][small]") {
   REQUIRE_GPU();
   for (int v = 0; v < 3; ++v) {

@@ -16,15 +16,22 @@
  *
  *  The step mirrors the CPU TrainingModel (model/training.hpp): per layer it keeps the
  *  residual r_l (fp32), in_proj's output xz_l and x_proj's output xdbl_l (S), and recomputes
- *  the normed input, the conv output u, dt and the scan output y in the backward. The
+ *  dt and the scan output y in the backward (and the normed input and the conv output u when
+ *  activations are not kept: set_keep_activations). The
  *  logits (first 256 head rows only) are fp32; the loss is the mean over batch * length
  *  predictions, summed in a fixed order (deterministic, as every reduction of the backend:
  *  the same step on the same GPU gives bitwise the same gradients, so a resumed run continues
  *  exactly).
  *
+ *  With set_keep_activations(true) (the default) the step also keeps each layer's conv output
+ *  u and normed input (S), and the backward reads them instead of running the conv and the norm
+ *  again.
+ *
  *  Activation bytes of a step (M = batch * length, X = dt_rank + 2 d_state, s = sizeof(S)):
  *      4 M (n_layer + 1) d_model + s M n_layer (2 d_inner + X)                    kept
+ *    + s M n_layer (d_inner + d_model)            kept u, normed (keep_activations)
  *    + 4 M (d_model + 256) + s M (3 d_model + 8 d_inner + X + 256) + 12 M        scratch
+ *      (s M d_inner less with keep_activations: no u scratch)
  *    + 8 d_inner d_state + workspace (scan backward, conv/norm/embedding reductions)
  *  activation_bytes() reports what the last step allocated.
  */
@@ -277,6 +284,14 @@ class Model {
     if (grad) train_backward(w, *grad);
   }
   double const* loss_device() const { return loss_dev_.data(); }
+  /// Keep each layer's conv output u and normed input from the forward for the backward
+  /// (default), or recompute them there (the conv and the norm run again per layer; the step
+  /// then holds s M n_layer (d_inner + d_model) bytes less: 10 GiB at 4 x 8192 bytes of the
+  /// 353M model in bf16, for ~3% more time per step: docs/cuda.md). Takes effect at the next
+  /// training step; results are bitwise the same either way (the same kernels compute u and
+  /// the normed input from the same inputs).
+  void set_keep_activations(bool keep) { keep_activations_ = keep; }
+  bool keep_activations() const { return keep_activations_; }
   double read_loss() {
     double v = 0;
     loss_dev_.copy_to_host(&v, 1, be_.stream);
@@ -447,12 +462,12 @@ class Model {
 
   /// Scratch common to training and inference for M rows; `layers_kept` slots of xz/xdbl.
   void fit_common(std::size_t layers_kept, std::size_t r_slots) {
-    std::size_t const M = M_, dm = dm_, di = di_, X = X_;
+    std::size_t const M = M_, dm = dm_, di = di_;
     fit(r_, r_slots * M * dm);
-    fit(kept_, layers_kept * M * (2 * di + X));
+    fit(kept_, layers_kept * layer_stride(keeping_));
     fit(normed_, M * dm);
     fit(h_, M * dm);
-    fit(u_, M * di);
+    if (!keeping_) fit(u_, M * di);  // a step that keeps activations writes u into kept_
     fit(dt_, M * di);
     fit(y_, M * di);
     fit(logits_, M * kClasses);
@@ -469,8 +484,18 @@ class Model {
     rows_ = M;
   }
 
-  S* xz_at(int l) { return kept_.data() + static_cast<std::size_t>(l) * M_ * (2 * di_ + X_); }
+  static std::size_t round64(std::size_t n) { return (n + 63) / 64 * 64; }
+  /// Elements of kept_ per layer: xz and xdbl, then (keeping_) the conv output u and the normed
+  /// input, each of those starting on a 128-byte boundary.
+  std::size_t layer_stride(bool keeping) const {
+    return round64(M_ * (2 * di_ + X_)) + (keeping ? round64(M_ * di_) + round64(M_ * dm_) : 0);
+  }
+  S* xz_at(int l) { return kept_.data() + static_cast<std::size_t>(l) * layer_stride(keeping_); }
   S* xdbl_at(int l) { return xz_at(l) + M_ * 2 * di_; }
+  /// The conv output u and the normed input of layer l: kept per layer by a training step that
+  /// keeps activations (the backward reads them instead of recomputing), else the scratch.
+  S* u_at(int l) { return keeping_ ? xz_at(l) + round64(M_ * (2 * di_ + X_)) : u_.data(); }
+  S* normed_at(int l) { return keeping_ ? u_at(l) + round64(M_ * di_) : normed_.data(); }
   float* r_at(int l) { return r_.data() + static_cast<std::size_t>(l) * M_ * dm_; }
 
   void prepare_training(ModelConfig const& c, std::span<std::int32_t const> tokens, int batch) {
@@ -495,6 +520,7 @@ class Model {
       }
     counted_ = M_;
     std::size_t const M = M_, dm = dm_, di = di_, X = X_;
+    keeping_ = keep_activations_;
     fit_common(nl_, nl_ + 1);
     fit(dh_, M * dm);
     fit(dy_, M * di);
@@ -511,8 +537,12 @@ class Model {
   }
 
   void prepare_inference(ModelConfig const& c, int batch, int length) {
-    bool const same = c.to_json() == c_.to_json() && batch == batch_ && length == L_ && rows_ == M_;
+    bool same = c.to_json() == c_.to_json() && batch == batch_ && length == L_ && rows_ == M_;
     set_dims(c, batch, length);
+    if (keeping_) {  // the last call was a training step that kept activations: u_ may be unallocated
+      keeping_ = false;
+      same = false;
+    }
     if (!same) {
       fit_common(1, 1);
       fit(ws_, workspace_bytes(false));
@@ -536,10 +566,10 @@ class Model {
     }
   }
 
-  typename Scan::Arguments scan_args(WeightViews<float> const& fw, int l, S const* xz, S const* xdbl) {
+  typename Scan::Arguments scan_args(WeightViews<float> const& fw, int l, S const* xz, S const* xdbl, S const* u) {
     typename Scan::Arguments sa{};
     sa.batch = batch_; sa.length = L_; sa.d_inner = di_; sa.d_state = N_;
-    sa.u = u_.data(); sa.ld_u = di_;
+    sa.u = u; sa.ld_u = di_;
     sa.delta = dt_.data(); sa.ld_delta = di_;
     sa.delta_bias = fw.layers[l].dt_proj_b; sa.delta_softplus = true;
     sa.A = A_.data();
@@ -587,24 +617,24 @@ class Model {
     MAMBABYTE_CUDA_CHECK(cudaGetLastError());
   }
 
-  /// normed -> h_ through the mixer of layer l, reading/writing xz, xdbl; with a state: the
-  /// conv window and the SSM state are read and updated.
-  void mixer_forward(Weights const& w, int l, S* xz, S* xdbl, DeviceState* state) {
+  /// normed -> h_ through the mixer of layer l, reading/writing xz, xdbl and the conv output
+  /// u; with a state: the conv window and the SSM state are read and updated.
+  void mixer_forward(Weights const& w, int l, S const* normed, S* xz, S* xdbl, S* u, DeviceState* state) {
     auto const& cw = w.compute().layers[l];
     auto const& fw = w.master().layers[l];
     int const di = di_, X = X_, K = c_.d_conv;
-    linear(normed_.data(), dm_, cw.in_proj_w, fw.in_proj_b, xz, 2 * di, 2 * di, dm_);
-    bc::conv1d_forward<S>(be_, batch_, L_, di, K, xz, 2 * di, fw.conv_w, fw.conv_b, u_.data(), di,
+    linear(normed, dm_, cw.in_proj_w, fw.in_proj_b, xz, 2 * di, 2 * di, dm_);
+    bc::conv1d_forward<S>(be_, batch_, L_, di, K, xz, 2 * di, fw.conv_w, fw.conv_b, u, di,
                           state ? state->conv(l) : nullptr, true);
-    linear(u_.data(), di, cw.x_proj_w, nullptr, xdbl, X, X, di);
+    linear(u, di, cw.x_proj_w, nullptr, xdbl, X, X, di);
     linear(xdbl, X, cw.dt_proj_w, nullptr, dt_.data(), di, di, R_);
     if (state && L_ == 1) {  // A = -exp(A_log) inside the step kernel (one launch fewer per layer)
-      bc::selective_state_update<S>(be_, batch_, di, N_, state->ssm(l), u_.data(), di, dt_.data(), di, fw.dt_proj_b,
+      bc::selective_state_update<S>(be_, batch_, di, N_, state->ssm(l), u, di, dt_.data(), di, fw.dt_proj_b,
                                     true, fw.A_log, xdbl + R_, X, xdbl + R_ + N_, X, fw.D, xz + di, 2 * di,
                                     y_.data(), di, /*A_is_log=*/true);
     } else {
       compute_A(fw.A_log);
-      auto sa = scan_args(w.master(), l, xz, xdbl);
+      auto sa = scan_args(w.master(), l, xz, xdbl, u);
       if (state) {  // separate in and out buffers: chunks of one launch read the first and write the second
         sa.initial_state = state->ssm(l);
         sa.final_state = h_end_.data();
@@ -629,11 +659,11 @@ class Model {
     for (int l = 0; l < nl_; ++l) {
       if (l == 0)
         bc::add_norm_forward<S, S>(be_, M, dm_, r_at(0), nullptr, r_at(0), fw.layers[0].norm_w, fw.layers[0].norm_b,
-                                   normed_.data(), eps(), rms());
+                                   normed_at(0), eps(), rms());
       else
         bc::add_norm_forward<S, S>(be_, M, dm_, r_at(l - 1), h_.data(), r_at(l), fw.layers[l].norm_w,
-                                   fw.layers[l].norm_b, normed_.data(), eps(), rms());
-      mixer_forward(w, l, xz_at(l), xdbl_at(l), nullptr);
+                                   fw.layers[l].norm_b, normed_at(l), eps(), rms());
+      mixer_forward(w, l, normed_at(l), xz_at(l), xdbl_at(l), u_at(l), nullptr);
     }
     bc::add_norm_forward<S, S>(be_, M, dm_, r_at(nl_ - 1), h_.data(), r_at(nl_), fw.norm_f_w, fw.norm_f_b,
                                normed_.data(), eps(), rms());
@@ -656,7 +686,7 @@ class Model {
     for (int l = 0; l < nl_; ++l) {
       bc::add_norm_forward<S, S>(be_, M, dm_, r, l == 0 ? nullptr : h_.data(), r, fw.layers[l].norm_w,
                                  fw.layers[l].norm_b, normed_.data(), eps(), rms());
-      mixer_forward(w, l, xz_at(0), xdbl_at(0), &state);
+      mixer_forward(w, l, normed_.data(), xz_at(0), xdbl_at(0), u_.data(), &state);
     }
     bc::add_norm_forward<S, S>(be_, M, dm_, r, h_.data(), r, fw.norm_f_w, fw.norm_f_b, normed_.data(), eps(), rms());
     head_logits(w);
@@ -737,8 +767,9 @@ class Model {
                                 gw.norm_f_w, gw.norm_f_b, eps(), rms(), ws_.data());
     for (int l = nl_ - 1; l >= 0; --l) {
       // recompute the normed input of layer l (r_l + 0 = r_l: the residual is unchanged)
-      bc::add_norm_forward<S, S>(be_, M, dm_, r_at(l), nullptr, r_at(l), fw.layers[l].norm_w, fw.layers[l].norm_b,
-                                 normed_.data(), eps(), rms());
+      if (!keeping_)
+        bc::add_norm_forward<S, S>(be_, M, dm_, r_at(l), nullptr, r_at(l), fw.layers[l].norm_w, fw.layers[l].norm_b,
+                                   normed_at(l), eps(), rms());
       mixer_backward(w, grad, l);  // dh_ -> dxz_ -> d(normed) in h_
       bc::add_norm_backward<S, S>(be_, M, dm_, r_at(l), fw.layers[l].norm_w, h_.data(), dres_.data(),
                                   l > 0 ? dh_.data() : static_cast<S*>(nullptr), gw.layers[l].norm_w,
@@ -756,8 +787,9 @@ class Model {
     int const M = static_cast<int>(M_), di = di_, X = X_, K = c_.d_conv, dm = dm_;
     S* xz = xz_at(l);
     S* xdbl = xdbl_at(l);
-    // recompute u, dt, A
-    bc::conv1d_forward<S>(be_, batch_, L_, di, K, xz, 2 * di, fw.conv_w, fw.conv_b, u_.data(), di, nullptr, true);
+    S* u = u_at(l);
+    // recompute u (unless kept), dt, A
+    if (!keeping_) bc::conv1d_forward<S>(be_, batch_, L_, di, K, xz, 2 * di, fw.conv_w, fw.conv_b, u, di, nullptr, true);
     linear(xdbl, X, cw.dt_proj_w, nullptr, dt_.data(), di, di, R_);
     compute_A(fw.A_log);
     // out_proj: dy = dh W_out
@@ -767,7 +799,7 @@ class Model {
     MAMBABYTE_CUDA_CHECK(cudaMemsetAsync(dA_.data(), 0, std::size_t(di) * N_ * sizeof(float), be_.stream));
     typename ScanBackward::Arguments ba{};
     ba.batch = batch_; ba.length = L_; ba.d_inner = di; ba.d_state = N_;
-    ba.u = u_.data(); ba.ld_u = di;
+    ba.u = u; ba.ld_u = di;
     ba.delta = dt_.data(); ba.ld_delta = di;
     ba.delta_bias = fw.dt_proj_b; ba.delta_softplus = true;
     ba.A = A_.data();
@@ -795,13 +827,13 @@ class Model {
     bc::linear_backward_weight<S>(blas_, be_, M, di, R_, ddt_.data(), di, xdbl, X, gl.dt_proj_w);
     // x_proj: du += dxdbl W_x; dW_x += dxdbl^T u
     bc::linear_backward_data<S, S>(blas_, be_, M, X, di, dxdbl_.data(), X, cw.x_proj_w, du_.data(), di, true);
-    bc::linear_backward_weight<S>(blas_, be_, M, X, di, dxdbl_.data(), X, u_.data(), di, gl.x_proj_w);
+    bc::linear_backward_weight<S>(blas_, be_, M, X, di, dxdbl_.data(), X, u, di, gl.x_proj_w);
     // conv + SiLU: d(xz[:, :di])
     bc::conv1d_backward<S>(be_, batch_, L_, di, K, xz, 2 * di, fw.conv_w, fw.conv_b, true, du_.data(), di,
                            dxz_.data(), 2 * di, gl.conv_w, gl.conv_b, ws_.data());
     // in_proj: d(normed) = dxz W_in; dW_in += dxz^T normed
     bc::linear_backward_data<S, S>(blas_, be_, M, 2 * di, dm, dxz_.data(), 2 * di, cw.in_proj_w, h_.data(), dm);
-    bc::linear_backward_weight<S>(blas_, be_, M, 2 * di, dm, dxz_.data(), 2 * di, normed_.data(), dm,
+    bc::linear_backward_weight<S>(blas_, be_, M, 2 * di, dm, dxz_.data(), 2 * di, normed_at(l), dm,
                                   gl.in_proj_w);
     if (gl.in_proj_b)
       bc::linear_backward_bias<S>(blas_, be_, M, 2 * di, dxz_.data(), 2 * di, ones_.data(), gl.in_proj_b);
@@ -824,6 +856,8 @@ class Model {
   void const* graph_wdata_ = nullptr;
   int graph_batch_ = 0;
   std::uint64_t generation_ = 0, graph_generation_ = 0;
+  bool keep_activations_ = true;          ///< set_keep_activations
+  bool keeping_ = false;                  ///< kept_ holds u and the normed input per layer (training step)
   bool allow_fused_ = true;
   bool allow_persistent_ = true;
   bool persistent_ = false;               ///< the current inference shape runs the persistent step
