@@ -13,7 +13,8 @@
 //     time; floor_frac = (bytes of weights in the compute precision / 4.8 TB/s) / time; counters
 //     persistent / fused say which path ran. DecodeFusedPDL: decode.cuh's 3 kernels per layer
 //     chained with PDL; DecodeNoPDL: the same without PDL; DecodeUnfused: the layer-by-layer step
-//     (cuBLAS + state update).
+//     (cuBLAS + state update, dt_proj inside the state update); DecodeDtGemm: that step with
+//     dt_proj as a separate GEMM.
 // --quick on the command line (first argument): a 2-layer d_model 128 model, tiny shapes (ctest).
 #include <mambabyte/cuda.hpp>
 #include <mambabyte/mambabyte.hpp>
@@ -114,7 +115,7 @@ void BM_Prefill(benchmark::State& state) {
       benchmark::Counter(double(batch) * L * state.iterations(), benchmark::Counter::kIsRate);
 }
 
-template <class S, bool kNoPdl = false, bool kUnfused = false, bool kNoPersistent = false>
+template <class S, bool kNoPdl = false, bool kUnfused = false, bool kNoPersistent = false, bool kDtGemm = false>
 void BM_Decode(benchmark::State& state) {
   int const batch = static_cast<int>(state.range(0));
   auto const be = make_be();
@@ -125,6 +126,7 @@ void BM_Decode(benchmark::State& state) {
   if (kNoPdl) unsetenv("MAMBABYTE_NO_PDL");
   if (kUnfused) m.set_fused_decode(false);
   if (kNoPersistent || kNoPdl) m.set_persistent_decode(false);
+  if (kDtGemm) m.set_step_dt_projection(false);
   mcu::DeviceState st(c, batch, be);
   auto const tokens = random_bytes(static_cast<std::size_t>(batch), 11);
   for (int i = 0; i < 3; ++i) (void)m.step(w, tokens, st);  // capture + warm-up
@@ -165,6 +167,10 @@ void register_all() {
   // the layer-by-layer step (cuBLAS GEMMs + state update) where the fused one is the default
   for (int b : {1, 4})
     benchmark::RegisterBenchmark("DecodeUnfused/bf16", BM_Decode<mcu::bf16, false, true>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
+  // the layer-by-layer step with dt_proj as a separate GEMM (set_step_dt_projection(false))
+  for (int b : {16, 64})
+    benchmark::RegisterBenchmark("DecodeDtGemm/bf16", BM_Decode<mcu::bf16, false, false, false, true>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("DecodeDtGemm/fp32", BM_Decode<float, false, false, false, true>)->Arg(1)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
 }
 
 }  // namespace

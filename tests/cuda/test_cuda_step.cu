@@ -23,6 +23,7 @@
 #include "cuda_test_util.hpp"
 #include "scan_cases.hpp"
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -123,6 +124,97 @@ void check_a_log(int batch, int d_inner, int d_state, std::uint64_t seed) {
   CHECK(moved);
 }
 
+/// selective_state_update with a DeltaProjection (dt_proj inside the kernel) is bitwise the step
+/// given delta = round_T(x W^T) computed on the host in the kernel's order (each of a channel's
+/// 4 threads sums a quarter of the rank with fmaf: a contiguous quarter on the vector path, every
+/// 4th element otherwise; the quarters added as (q0 + q1) + (q2 + q3)). x rows are read through
+/// ld_x > rank (x_proj's output rows), on both load paths.
+template <class T>
+void check_delta_projection(int batch, int d_inner, int d_state, int rank, int ld_x, bool vec, std::uint64_t seed) {
+  INFO("delta projection batch=" << batch << " d_inner=" << d_inner << " d_state=" << d_state << " rank=" << rank
+                                 << " ld_x=" << ld_x << " vec=" << vec);
+  using mambabyte::backend::cuda::DeviceBuffer;
+  std::mt19937_64 g(seed);
+  auto vec_of = [&](std::size_t n, float lo, float hi) {
+    std::uniform_real_distribution<float> d(lo, hi);
+    std::vector<float> v(n);
+    for (auto& x : v) x = d(g);
+    return v;
+  };
+  auto to_t = [](std::vector<float> const& v) {
+    std::vector<T> h(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      if constexpr (std::is_same_v<T, float>) h[i] = v[i];
+      else h[i] = __float2bfloat16_rn(v[i]);
+    }
+    return h;
+  };
+  auto tf = [](T v) {
+    if constexpr (std::is_same_v<T, float>) return v;
+    else return __bfloat162float(v);
+  };
+  auto up = [](auto const& h) {
+    using E = typename std::decay_t<decltype(h)>::value_type;
+    DeviceBuffer<E> d(h.size());
+    d.copy_from_host(h.data(), h.size());
+    return d;
+  };
+  std::size_t const xn = static_cast<std::size_t>(batch) * d_inner, bc = static_cast<std::size_t>(batch) * d_state;
+  std::size_t const ns = xn * d_state, na = static_cast<std::size_t>(d_inner) * d_state;
+  auto const xh = to_t(vec_of(static_cast<std::size_t>(batch) * ld_x, -1.f, 1.f));
+  auto const wh = to_t(vec_of(static_cast<std::size_t>(d_inner) * rank, -0.3f, 0.3f));
+  // the kernel's sums, replicated on the host
+  std::vector<T> dth(xn);
+  for (int b = 0; b < batch; ++b)
+    for (int d = 0; d < d_inner; ++d) {
+      float q[4];
+      for (int sub = 0; sub < 4; ++sub) {
+        float s = 0.f;
+        if (vec) {
+          for (int r = sub * (rank / 4); r < (sub + 1) * (rank / 4); ++r)
+            s = std::fma(tf(wh[static_cast<std::size_t>(d) * rank + r]), tf(xh[static_cast<std::size_t>(b) * ld_x + r]), s);
+        } else {
+          for (int r = sub; r < rank; r += 4)
+            s = std::fma(tf(wh[static_cast<std::size_t>(d) * rank + r]), tf(xh[static_cast<std::size_t>(b) * ld_x + r]), s);
+        }
+        q[sub] = s;
+      }
+      float const sum = (q[0] + q[1]) + (q[2] + q[3]);
+      dth[static_cast<std::size_t>(b) * d_inner + d] = to_t(std::vector<float>{sum})[0];
+    }
+  auto x = up(xh), W = up(wh), dt = up(dth);
+  auto u = up(to_t(vec_of(xn, -1.f, 1.f))), z = up(to_t(vec_of(xn, -2.f, 2.f)));
+  auto B = up(to_t(vec_of(bc, -1.f, 1.f))), C = up(to_t(vec_of(bc, -1.f, 1.f)));
+  auto bias = up(vec_of(d_inner, -0.5f, 0.5f)), D = up(vec_of(d_inner, -1.f, 1.f));
+  auto a_log = up(vec_of(na, -1.f, 2.5f));
+  auto const h0 = vec_of(ns, -1.f, 1.f);
+  Cuda const be{};
+  std::vector<float> state[2];
+  std::vector<T> out[2];
+  for (int mode = 0; mode < 2; ++mode) {
+    auto st = up(h0);
+    DeviceBuffer<T> y(xn);
+    mambabyte::backend::cuda::DeltaProjection<T> proj;
+    if (mode == 1) {
+      proj.x = x.data(); proj.ld_x = ld_x; proj.W = W.data(); proj.rank = rank;
+    }
+    selective_state_update<T>(be, batch, d_inner, d_state, st.data(), u.data(), d_inner,
+                              mode == 1 ? static_cast<T const*>(nullptr) : dt.data(), d_inner, bias.data(), true,
+                              a_log.data(), B.data(), d_state, C.data(), d_state, D.data(), z.data(), d_inner,
+                              y.data(), d_inner, /*A_is_log=*/true, proj);
+    MAMBABYTE_CUDA_CHECK(cudaDeviceSynchronize());
+    state[mode].resize(ns);
+    st.copy_to_host(state[mode].data(), ns);
+    out[mode].resize(xn);
+    y.copy_to_host(out[mode].data(), xn);
+  }
+  CHECK(std::memcmp(state[0].data(), state[1].data(), ns * sizeof(float)) == 0);
+  CHECK(std::memcmp(out[0].data(), out[1].data(), xn * sizeof(T)) == 0);
+  bool moved = false;
+  for (std::size_t i = 0; i < ns; ++i) moved = moved || state[0][i] != h0[i];
+  CHECK(moved);
+}
+
 }  // namespace
 
 TEST_CASE("CUDA decode step: A given as A_log equals A given", "[cuda][step][small]") {
@@ -138,6 +230,15 @@ TEST_CASE("CUDA decode step equals the scan: small odd shapes", "[cuda][step][sm
   REQUIRE_GPU();
   std::uint64_t seed = 1;
   for (auto const& c : mbtest::step_cases()) check_steps_both(c, seed++);
+}
+
+TEST_CASE("CUDA decode step: dt_proj inside the kernel equals delta given", "[cuda][step][small]") {
+  REQUIRE_GPU();
+  check_delta_projection<bf>(64, 2048, 16, 64, 96, true, 410);   // the 353M model's step at batch 64
+  check_delta_projection<bf>(1, 2048, 16, 64, 96, true, 411);
+  check_delta_projection<float>(5, 200, 16, 64, 96, true, 412);  // fp32: 4 floats per 16-byte load
+  check_delta_projection<bf>(3, 37, 5, 5, 21, false, 413);       // rank 5: the scalar path
+  check_delta_projection<float>(9, 40, 16, 40, 52, false, 414);  // rank 40: 10 floats per thread, the scalar path
 }
 
 TEST_CASE("CUDA decode step: d_state other than 16", "[cuda][step][small]") {

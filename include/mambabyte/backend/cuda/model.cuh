@@ -406,6 +406,13 @@ class Model {
     allow_persistent_ = allowed;
     rows_ = 0;
   }
+  /// The layer-by-layer single-token step computes dt_proj inside the state-update kernel
+  /// (default: one GEMM launch fewer per layer; docs/cuda.md has the measurements) or by a
+  /// separate GEMM (false; benchmarks compare the two).
+  void set_step_dt_projection(bool fused) {
+    if (fused != fuse_dt_) ++generation_;  // recapture the step graph
+    fuse_dt_ = fused;
+  }
   /// Whether the last inference call ran the persistent single-kernel step.
   bool persistent_decode() const { return persistent_; }
   /// Whether the last inference call (forward / step) ran decode.cuh's fused single-token
@@ -627,11 +634,18 @@ class Model {
     bc::conv1d_forward<S>(be_, batch_, L_, di, K, xz, 2 * di, fw.conv_w, fw.conv_b, u, di,
                           state ? state->conv(l) : nullptr, true);
     linear(u, di, cw.x_proj_w, nullptr, xdbl, X, X, di);
-    linear(xdbl, X, cw.dt_proj_w, nullptr, dt_.data(), di, di, R_);
-    if (state && L_ == 1) {  // A = -exp(A_log) inside the step kernel (one launch fewer per layer)
+    bool const step = state && L_ == 1;
+    // the single-token step computes dt_proj inside the state update (one GEMM launch fewer)
+    bc::DeltaProjection<S> proj;
+    if (step && fuse_dt_) {
+      proj.x = xdbl; proj.ld_x = X; proj.W = cw.dt_proj_w; proj.rank = R_;
+    } else {
+      linear(xdbl, X, cw.dt_proj_w, nullptr, dt_.data(), di, di, R_);
+    }
+    if (step) {  // A = -exp(A_log) inside the step kernel (one launch fewer per layer)
       bc::selective_state_update<S>(be_, batch_, di, N_, state->ssm(l), u, di, dt_.data(), di, fw.dt_proj_b,
                                     true, fw.A_log, xdbl + R_, X, xdbl + R_ + N_, X, fw.D, xz + di, 2 * di,
-                                    y_.data(), di, /*A_is_log=*/true);
+                                    y_.data(), di, /*A_is_log=*/true, proj);
     } else {
       compute_A(fw.A_log);
       auto sa = scan_args(w.master(), l, xz, xdbl, u);
@@ -857,6 +871,7 @@ class Model {
   int graph_batch_ = 0;
   std::uint64_t generation_ = 0, graph_generation_ = 0;
   bool keep_activations_ = true;          ///< set_keep_activations
+  bool fuse_dt_ = true;                   ///< set_step_dt_projection
   bool keeping_ = false;                  ///< kept_ holds u and the normed input per layer (training step)
   bool allow_fused_ = true;
   bool allow_persistent_ = true;

@@ -8,6 +8,8 @@
  *      h[n]    = exp(delta A[d,n]) h[n] + delta u[b,d] B[b,n]
  *      y       = sum_n h[n] C[b,n] + D[d] u[b,d]
  *      out     = y silu(z[b,d])                        (y when z is null)
+ *  With a DeltaProjection the raw delta is computed in the kernel as round_T(x[b, :rank] W[d,
+ *  :rank]^T) (the decode step's dt_proj: one GEMM launch fewer per layer and step).
  *  state (batch, d_inner, d_state) float, contiguous, read and written in place. Row b of an
  *  activation x lives at x + b * ld_x (so u, delta, z can be columns of in_proj / dt_proj rows
  *  and B, C slices of x_proj's output row, as in the scan). delta_bias, D, z may be null.
@@ -66,7 +68,39 @@ struct StepParams {
   float const* D = nullptr;
   T const* z = nullptr;          std::int64_t ld_z = 0;
   T* out = nullptr;              std::int64_t ld_out = 0;
+  // delta = round_T(x[b, :rank] W[d, :rank]^T) computed here when W is set (else read from delta)
+  T const* px = nullptr;         std::int64_t ld_px = 0;
+  T const* pW = nullptr;
+  int rank = 0;
+  bool p_vec = false;            ///< 16-byte loads: rank / kStepSplit a multiple of 16 / sizeof(T), aligned rows
 };
+
+/// The delta projection's dot product of channel d (row W[d]) with x's row of this batch: the
+/// kStepSplit threads of the channel each sum a quarter of the rank (a contiguous quarter in
+/// 16-byte loads on the vector path, else every kStepSplit-th element), in order, with fmaf;
+/// two shuffles add the quarters as (q0 + q1) + (q2 + q3) (the same in every thread).
+template <class T>
+__device__ __forceinline__ float delta_projection(StepParams<T> const& p, T const* wr, T const* xr, int sub) {
+  float s = 0.f;
+  if (p.p_vec) {
+    constexpr int E = 16 / static_cast<int>(sizeof(T));
+    int const per = p.rank / kStepSplit;
+    for (int r0 = sub * per; r0 < (sub + 1) * per; r0 += E) {
+      uint4 const w4 = __ldg(reinterpret_cast<uint4 const*>(wr + r0));
+      uint4 const x4 = __ldg(reinterpret_cast<uint4 const*>(xr + r0));
+      T const* w = reinterpret_cast<T const*>(&w4);
+      T const* x = reinterpret_cast<T const*>(&x4);
+#pragma unroll
+      for (int e = 0; e < E; ++e) s = fmaf(scan_detail::to_f(w[e]), scan_detail::to_f(x[e]), s);
+    }
+  } else {
+    for (int r = sub; r < p.rank; r += kStepSplit) s = fmaf(scan_detail::load_f(wr + r), scan_detail::load_f(xr + r), s);
+  }
+  static_assert(kStepSplit == 4, "two shuffle levels");
+  s += __shfl_xor_sync(0xffffffffu, s, 1);
+  s += __shfl_xor_sync(0xffffffffu, s, 2);
+  return s;
+}
 
 namespace kernel {
 
@@ -90,7 +124,9 @@ MAMBABYTE_KERNEL void __launch_bounds__(kStepThreads) state_update(StepParams<T>
   int const n0 = sub * kNT;
 
   // All loads first.
-  float const dt_raw = scan_detail::load_f(p.delta + b * p.ld_delta + dc);
+  float const dt_raw = p.pW ? scan_detail::to_f(scan_detail::from_f<T>(delta_projection(
+                                  p, p.pW + static_cast<std::int64_t>(dc) * p.rank, p.px + b * p.ld_px, sub)))
+                            : scan_detail::load_f(p.delta + b * p.ld_delta + dc);
   float const u = scan_detail::load_f(p.u + b * p.ld_u + dc);
   float const zz = p.z ? scan_detail::load_f(p.z + b * p.ld_z + dc) : 0.f;
   float const bias = p.delta_bias ? __ldg(p.delta_bias + dc) : 0.f;
@@ -170,14 +206,26 @@ void launch(StepParams<T> const& p, cudaStream_t stream) {
 /// delta_bias, D, z may be null; everything else is required (leading dimensions >= d_inner,
 /// resp. >= d_state for B and C, when batch > 1). 1 <= d_state <= 64. A_is_log: `A` holds the
 /// model's A_log and the kernel uses A = -expf(A_log) (the value the model's neg_exp kernel
-/// would store: bitwise the same step without that launch per layer and step).
+/// would store: bitwise the same step without that launch per layer and step). proj.W set: delta
+/// is computed in the kernel from proj (DeltaProjection; `delta` may then be null).
+/// The decode step's dt_proj computed inside selective_state_update (one launch fewer per layer
+/// and step): delta[b, d] = round_T(sum_r x[b * ld_x + r] W[d * rank + r]) (the fp32 sum rounded
+/// to T, as the GEMM's T output would be), then delta_bias and softplus as usual.
+template <class T>
+struct DeltaProjection {
+  T const* x = nullptr;          ///< (batch, >= rank) rows: x_proj's output, dt part first
+  std::int64_t ld_x = 0;
+  T const* W = nullptr;          ///< (d_inner, rank) row-major: dt_proj's weight
+  int rank = 0;
+};
+
 template <class T>
 void selective_state_update(Cuda const& be, int batch, int d_inner, int d_state, float* state,
                             T const* u, std::int64_t ld_u, T const* delta, std::int64_t ld_delta,
                             float const* delta_bias, bool delta_softplus, float const* A,
                             T const* B, std::int64_t ld_B, T const* C, std::int64_t ld_C,
                             float const* D, T const* z, std::int64_t ld_z, T* out,
-                            std::int64_t ld_out, bool A_is_log = false) {
+                            std::int64_t ld_out, bool A_is_log = false, DeltaProjection<T> const& proj = {}) {
   static_assert(is_scan_storage_v<T>, "selective_state_update: T is float or __nv_bfloat16");
   using namespace step_detail;
   require(batch >= 0 && d_inner > 0 && d_state > 0,
@@ -187,9 +235,13 @@ void selective_state_update(Cuda const& be, int batch, int d_inner, int d_state,
           " exceeds ", kStepMaxState);
   require(batch <= 65535, "selective_state_update (CUDA): batch ", batch, " exceeds 65535");
   if (batch == 0) return;
-  require(state && u && delta && A && B && C && out,
+  bool const project = proj.W != nullptr;
+  require(state && u && (delta || project) && A && B && C && out,
           "selective_state_update (CUDA): null state / u / delta / A / B / C / out");
-  require(batch == 1 || (ld_u >= d_inner && ld_delta >= d_inner && ld_out >= d_inner &&
+  require(!project || (proj.x && proj.rank >= 1 && (batch == 1 || proj.ld_x >= proj.rank)),
+          "selective_state_update (CUDA): delta projection needs x, rank >= 1 and ld_x >= rank (got rank ", proj.rank,
+          ", ld_x ", proj.ld_x, ")");
+  require(batch == 1 || (ld_u >= d_inner && (project || ld_delta >= d_inner) && ld_out >= d_inner &&
                          ld_B >= d_state && ld_C >= d_state && (!z || ld_z >= d_inner)),
           "selective_state_update (CUDA): leading dimension smaller than the row");
   StepParams<T> p;
@@ -205,6 +257,12 @@ void selective_state_update(Cuda const& be, int batch, int d_inner, int d_state,
   p.D = D;
   p.z = z; p.ld_z = ld_z;
   p.out = out; p.ld_out = ld_out;
+  if (project) {
+    constexpr int E = 16 / static_cast<int>(sizeof(T));
+    auto const a16 = [](void const* q) { return reinterpret_cast<std::uintptr_t>(q) % 16 == 0; };
+    p.px = proj.x; p.ld_px = proj.ld_x; p.pW = proj.W; p.rank = proj.rank;
+    p.p_vec = proj.rank % (kStepSplit * E) == 0 && (batch == 1 || proj.ld_x % E == 0) && a16(proj.x) && a16(proj.W);
+  }
   bool const aligned = reinterpret_cast<std::uintptr_t>(state) % 16 == 0 &&
                        reinterpret_cast<std::uintptr_t>(A) % 16 == 0;
   ScopedDevice guard(be.device);
