@@ -28,7 +28,7 @@ source "$(dirname "$0")/device_bin_env.sh"
         --no-progress $extra 2>&1 | tail -n 4; echo "rc=${PIPESTATUS[0]}"
       echo "== generate --device cuda --batch 8"
       timeout 60 "$BIN/mambabyte" generate --model "$run" --prompt $'ROMEO:\n' -n 120 --temperature 0.8 --top-p 0.95 \
-        --seed 1 --batch 8 --device cuda 2>&1 | tail -n 4; echo "rc=$?"
+        --seed 1 --batch 8 --device cuda 2>&1 | tail -n 4; echo "rc=${PIPESTATUS[0]}"
       rm -rf "$run"
     done
   fi

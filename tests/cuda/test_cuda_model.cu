@@ -213,6 +213,26 @@ void check_keep_equals_recompute(int variant, int batch, int L, std::uint64_t se
   };
   auto const [l_keep, g_keep] = run(true);
   auto const [l_re, g_re] = run(false);
+  // right after a (recomputing) step, a stateful forward of the same batch and length equals a
+  // fresh model's: the inference scratch is fitted again, and the final state is written
+  {
+    std::vector<std::int32_t> inputs;
+    for (int b = 0; b < batch; ++b)
+      inputs.insert(inputs.end(), tokens.begin() + b * (L + 1), tokens.begin() + b * (L + 1) + L);
+    auto forward_of = [&](mcu::Model<S>& model) {
+      mcu::DeviceState st(c, batch, be);
+      float const* lg = model.forward(w, inputs, batch, L, st);
+      std::vector<float> logits(static_cast<std::size_t>(batch) * L * 256), state(st.size());
+      MAMBABYTE_CUDA_CHECK(cudaMemcpy(logits.data(), lg, logits.size() * sizeof(float), cudaMemcpyDeviceToHost));
+      MAMBABYTE_CUDA_CHECK(cudaMemcpy(state.data(), st.data(), state.size() * sizeof(float), cudaMemcpyDeviceToHost));
+      return std::pair{logits, state};
+    };
+    mcu::Model<S> fresh(be);
+    auto const [lg_after, st_after] = forward_of(m);
+    auto const [lg_fresh, st_fresh] = forward_of(fresh);
+    CHECK(lg_after == lg_fresh);
+    CHECK(st_after == st_fresh);
+  }
   // inference in between, then a kept step again
   mcu::DeviceState st(c, batch, be);
   (void)m.forward(w, std::span<std::int32_t const>(tokens.data(), static_cast<std::size_t>(batch) * 3), batch, 3, st);
@@ -234,6 +254,45 @@ TEST_CASE("cuda model: a step that keeps activations equals one that recomputes 
     check_keep_equals_recompute<float>(v, 2, 37, 300 + v);
     check_keep_equals_recompute<mcu::bf16>(v, 3, 130, 310 + v);
   }
+}
+
+namespace {
+/// Three decode steps of `batch` sequences with dt_proj inside the state-update kernel (the
+/// default) and as a separate GEMM (set_step_dt_projection(false)): the logits agree to the
+/// storage type's rounding (the two sum dt in different orders).
+template <class S>
+double step_dt_projection_gap(int batch, std::uint64_t seed) {
+  auto const c = config_variant(0);
+  auto const wf = random_weights<float>(c, seed);
+  auto const be = make_be();
+  mcu::DeviceWeights<S> w(wf, be);
+  std::mt19937_64 rng(seed + 1);
+  auto const tokens = random_tokens(static_cast<std::size_t>(batch) * 3, 256, rng);
+  auto run = [&](bool fused) {
+    mcu::Model<S> m(be);
+    m.set_step_dt_projection(fused);
+    mcu::DeviceState st(c, batch, be);
+    std::vector<float> all;
+    for (int t = 0; t < 3; ++t) {
+      std::vector<std::int32_t> tok(tokens.begin() + t * batch, tokens.begin() + (t + 1) * batch);
+      float const* lg = m.step(w, tok, st);
+      std::vector<float> h(static_cast<std::size_t>(batch) * 256);
+      MAMBABYTE_CUDA_CHECK(cudaMemcpy(h.data(), lg, h.size() * sizeof(float), cudaMemcpyDeviceToHost));
+      all.insert(all.end(), h.begin(), h.end());
+    }
+    CHECK_FALSE(m.persistent_decode());
+    return all;
+  };
+  return rel_err(run(true), run(false));
+}
+}  // namespace
+
+TEST_CASE("cuda model: the step's dt_proj inside the state update equals the dt_proj GEMM", "[cuda][model][small]") {
+  REQUIRE_GPU();
+  double const f = step_dt_projection_gap<float>(5, 700);
+  CHECK(f < 1e-5);
+  double const h = step_dt_projection_gap<mcu::bf16>(64, 701);
+  CHECK(h < 2e-2);
 }
 
 TEST_CASE("cuda model: stateful forward in chunks and the graph decode step match the CPU", "[cuda][model][small]") {

@@ -56,6 +56,84 @@ void check_graph(mbtest::ScanCase const& c, std::uint64_t seed) {
   CHECK(mbtest::same_bits(direct.hT, graphed.hT));
 }
 
+/// The inputs of a step of (batch, d_inner, d_state) shared by the bitwise comparisons below
+/// (T: the storage type the step reads): random u, z, B, C (T), delta bias, D, A_log (float), an
+/// initial state h0; run_both runs a step twice from h0 (mode 0 and 1) and checks the two
+/// bitwise equal, and that the step moved the state.
+template <class T>
+struct StepData {
+  using Buf = mambabyte::backend::cuda::DeviceBuffer<T>;
+  using FBuf = mambabyte::backend::cuda::DeviceBuffer<float>;
+  std::mt19937_64 g;
+  int batch, d_inner, d_state;
+  std::size_t x, bc, ns, na;
+  Buf u, z, B, C;
+  FBuf bias, D, a_log;
+  std::vector<float> h0;
+
+  std::vector<float> vec(std::size_t n, float lo, float hi) {
+    std::uniform_real_distribution<float> d(lo, hi);
+    std::vector<float> v(n);
+    for (auto& e : v) e = d(g);
+    return v;
+  }
+  static std::vector<T> to_t(std::vector<float> const& v) {
+    std::vector<T> h(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      if constexpr (std::is_same_v<T, float>) h[i] = v[i];
+      else h[i] = __float2bfloat16_rn(v[i]);
+    }
+    return h;
+  }
+  static float to_f(T v) {
+    if constexpr (std::is_same_v<T, float>) return v;
+    else return __bfloat162float(v);
+  }
+  template <class E>
+  static mambabyte::backend::cuda::DeviceBuffer<E> up(std::vector<E> const& h) {
+    mambabyte::backend::cuda::DeviceBuffer<E> d(h.size());
+    d.copy_from_host(h.data(), h.size());
+    return d;
+  }
+  Buf dev(std::size_t n, float lo, float hi) { return up(to_t(vec(n, lo, hi))); }
+
+  StepData(int batch_, int d_inner_, int d_state_, std::uint64_t seed)
+      : g(seed), batch(batch_), d_inner(d_inner_), d_state(d_state_),
+        x(static_cast<std::size_t>(batch_) * d_inner_), bc(static_cast<std::size_t>(batch_) * d_state_),
+        ns(x * d_state_), na(static_cast<std::size_t>(d_inner_) * d_state_) {
+    u = dev(x, -1.f, 1.f);
+    z = dev(x, -2.f, 2.f);
+    B = dev(bc, -1.f, 1.f);
+    C = dev(bc, -1.f, 1.f);
+    bias = up(vec(d_inner, -0.5f, 0.5f));
+    D = up(vec(d_inner, -1.f, 1.f));
+    a_log = up(vec(na, -1.f, 2.5f));
+    h0 = vec(ns, -1.f, 1.f);
+  }
+
+  /// step(mode, state, out) for mode 0 and 1, each from h0.
+  template <class F>
+  void run_both(F&& step) {
+    std::vector<float> state[2];
+    std::vector<T> out[2];
+    for (int mode = 0; mode < 2; ++mode) {
+      auto st = up(h0);
+      Buf y(x);
+      step(mode, st.data(), y.data());
+      MAMBABYTE_CUDA_CHECK(cudaDeviceSynchronize());
+      state[mode].resize(ns);
+      st.copy_to_host(state[mode].data(), ns);
+      out[mode].resize(x);
+      y.copy_to_host(out[mode].data(), x);
+    }
+    CHECK(std::memcmp(state[0].data(), state[1].data(), ns * sizeof(float)) == 0);
+    CHECK(std::memcmp(out[0].data(), out[1].data(), x * sizeof(T)) == 0);
+    bool moved = false;
+    for (std::size_t i = 0; i < ns; ++i) moved = moved || state[0][i] != h0[i];
+    CHECK(moved);
+  }
+};
+
 __global__ void neg_exp_kernel(float const* a_log, float* A, int n) {
   int const i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) A[i] = -expf(a_log[i]);
@@ -67,61 +145,18 @@ __global__ void neg_exp_kernel(float const* a_log, float* A, int n) {
 template <class T>
 void check_a_log(int batch, int d_inner, int d_state, std::uint64_t seed) {
   INFO("A_is_log batch=" << batch << " d_inner=" << d_inner << " d_state=" << d_state);
-  using mambabyte::backend::cuda::DeviceBuffer;
-  std::mt19937_64 g(seed);
-  auto vec = [&](std::size_t n, float lo, float hi) {
-    std::uniform_real_distribution<float> d(lo, hi);
-    std::vector<float> v(n);
-    for (auto& x : v) x = d(g);
-    return v;
-  };
-  auto up = [](std::vector<float> const& v) {
-    if constexpr (std::is_same_v<T, float>) {
-      DeviceBuffer<float> d(v.size());
-      d.copy_from_host(v.data(), v.size());
-      return d;
-    } else {
-      std::vector<T> h(v.size());
-      for (std::size_t i = 0; i < v.size(); ++i) h[i] = __float2bfloat16_rn(v[i]);
-      DeviceBuffer<T> d(h.size());
-      d.copy_from_host(h.data(), h.size());
-      return d;
-    }
-  };
-  auto upf = [](std::vector<float> const& v) {
-    DeviceBuffer<float> d(v.size());
-    d.copy_from_host(v.data(), v.size());
-    return d;
-  };
-  std::size_t const x = static_cast<std::size_t>(batch) * d_inner, bc = static_cast<std::size_t>(batch) * d_state;
-  std::size_t const ns = x * d_state, na = static_cast<std::size_t>(d_inner) * d_state;
-  auto u = up(vec(x, -1.f, 1.f)), dt = up(vec(x, -2.f, 1.f)), z = up(vec(x, -2.f, 2.f));
-  auto B = up(vec(bc, -1.f, 1.f)), C = up(vec(bc, -1.f, 1.f));
-  auto bias = upf(vec(d_inner, -0.5f, 0.5f)), D = upf(vec(d_inner, -1.f, 1.f));
-  auto a_log = upf(vec(na, -1.f, 2.5f));
-  DeviceBuffer<float> A(na);
-  neg_exp_kernel<<<static_cast<unsigned>((na + 127) / 128), 128>>>(a_log.data(), A.data(), static_cast<int>(na));
-  auto const h0 = vec(ns, -1.f, 1.f);
+  StepData<T> in(batch, d_inner, d_state, seed);
+  auto dt = in.dev(in.x, -2.f, 1.f);
+  mambabyte::backend::cuda::DeviceBuffer<float> A(in.na);
+  neg_exp_kernel<<<static_cast<unsigned>((in.na + 127) / 128), 128>>>(in.a_log.data(), A.data(),
+                                                                      static_cast<int>(in.na));
   Cuda const be{};
-  std::vector<float> state[2];
-  std::vector<T> out[2];
-  for (int mode = 0; mode < 2; ++mode) {
-    auto st = upf(h0);
-    DeviceBuffer<T> y(x);
-    selective_state_update<T>(be, batch, d_inner, d_state, st.data(), u.data(), d_inner, dt.data(), d_inner,
-                              bias.data(), true, mode ? a_log.data() : A.data(), B.data(), d_state, C.data(), d_state,
-                              D.data(), z.data(), d_inner, y.data(), d_inner, /*A_is_log=*/mode == 1);
-    MAMBABYTE_CUDA_CHECK(cudaDeviceSynchronize());
-    state[mode].resize(ns);
-    st.copy_to_host(state[mode].data(), ns);
-    out[mode].resize(x);
-    y.copy_to_host(out[mode].data(), x);
-  }
-  CHECK(std::memcmp(state[0].data(), state[1].data(), ns * sizeof(float)) == 0);
-  CHECK(std::memcmp(out[0].data(), out[1].data(), x * sizeof(T)) == 0);
-  bool moved = false;  // the step did something (the comparison is not between two untouched states)
-  for (std::size_t i = 0; i < ns; ++i) moved = moved || state[0][i] != h0[i];
-  CHECK(moved);
+  in.run_both([&](int mode, float* st, T* y) {
+    selective_state_update<T>(be, batch, d_inner, d_state, st, in.u.data(), d_inner, dt.data(), d_inner,
+                              in.bias.data(), true, mode ? in.a_log.data() : A.data(), in.B.data(), d_state,
+                              in.C.data(), d_state, in.D.data(), in.z.data(), d_inner, y, d_inner,
+                              /*A_is_log=*/mode == 1);
+  });
 }
 
 /// selective_state_update with a DeltaProjection (dt_proj inside the kernel) is bitwise the step
@@ -133,86 +168,41 @@ template <class T>
 void check_delta_projection(int batch, int d_inner, int d_state, int rank, int ld_x, bool vec, std::uint64_t seed) {
   INFO("delta projection batch=" << batch << " d_inner=" << d_inner << " d_state=" << d_state << " rank=" << rank
                                  << " ld_x=" << ld_x << " vec=" << vec);
-  using mambabyte::backend::cuda::DeviceBuffer;
-  std::mt19937_64 g(seed);
-  auto vec_of = [&](std::size_t n, float lo, float hi) {
-    std::uniform_real_distribution<float> d(lo, hi);
-    std::vector<float> v(n);
-    for (auto& x : v) x = d(g);
-    return v;
-  };
-  auto to_t = [](std::vector<float> const& v) {
-    std::vector<T> h(v.size());
-    for (std::size_t i = 0; i < v.size(); ++i) {
-      if constexpr (std::is_same_v<T, float>) h[i] = v[i];
-      else h[i] = __float2bfloat16_rn(v[i]);
-    }
-    return h;
-  };
-  auto tf = [](T v) {
-    if constexpr (std::is_same_v<T, float>) return v;
-    else return __bfloat162float(v);
-  };
-  auto up = [](auto const& h) {
-    using E = typename std::decay_t<decltype(h)>::value_type;
-    DeviceBuffer<E> d(h.size());
-    d.copy_from_host(h.data(), h.size());
-    return d;
-  };
-  std::size_t const xn = static_cast<std::size_t>(batch) * d_inner, bc = static_cast<std::size_t>(batch) * d_state;
-  std::size_t const ns = xn * d_state, na = static_cast<std::size_t>(d_inner) * d_state;
-  auto const xh = to_t(vec_of(static_cast<std::size_t>(batch) * ld_x, -1.f, 1.f));
-  auto const wh = to_t(vec_of(static_cast<std::size_t>(d_inner) * rank, -0.3f, 0.3f));
+  StepData<T> in(batch, d_inner, d_state, seed);
+  auto const xh = StepData<T>::to_t(in.vec(static_cast<std::size_t>(batch) * ld_x, -1.f, 1.f));
+  auto const wh = StepData<T>::to_t(in.vec(static_cast<std::size_t>(d_inner) * rank, -0.3f, 0.3f));
   // the kernel's sums, replicated on the host
-  std::vector<T> dth(xn);
+  std::vector<float> dth(in.x);
   for (int b = 0; b < batch; ++b)
     for (int d = 0; d < d_inner; ++d) {
+      auto term = [&](int r, float s) {
+        return std::fma(StepData<T>::to_f(wh[static_cast<std::size_t>(d) * rank + r]),
+                        StepData<T>::to_f(xh[static_cast<std::size_t>(b) * ld_x + r]), s);
+      };
       float q[4];
       for (int sub = 0; sub < 4; ++sub) {
         float s = 0.f;
         if (vec) {
-          for (int r = sub * (rank / 4); r < (sub + 1) * (rank / 4); ++r)
-            s = std::fma(tf(wh[static_cast<std::size_t>(d) * rank + r]), tf(xh[static_cast<std::size_t>(b) * ld_x + r]), s);
+          for (int r = sub * (rank / 4); r < (sub + 1) * (rank / 4); ++r) s = term(r, s);
         } else {
-          for (int r = sub; r < rank; r += 4)
-            s = std::fma(tf(wh[static_cast<std::size_t>(d) * rank + r]), tf(xh[static_cast<std::size_t>(b) * ld_x + r]), s);
+          for (int r = sub; r < rank; r += 4) s = term(r, s);
         }
         q[sub] = s;
       }
-      float const sum = (q[0] + q[1]) + (q[2] + q[3]);
-      dth[static_cast<std::size_t>(b) * d_inner + d] = to_t(std::vector<float>{sum})[0];
+      dth[static_cast<std::size_t>(b) * d_inner + d] = (q[0] + q[1]) + (q[2] + q[3]);
     }
-  auto x = up(xh), W = up(wh), dt = up(dth);
-  auto u = up(to_t(vec_of(xn, -1.f, 1.f))), z = up(to_t(vec_of(xn, -2.f, 2.f)));
-  auto B = up(to_t(vec_of(bc, -1.f, 1.f))), C = up(to_t(vec_of(bc, -1.f, 1.f)));
-  auto bias = up(vec_of(d_inner, -0.5f, 0.5f)), D = up(vec_of(d_inner, -1.f, 1.f));
-  auto a_log = up(vec_of(na, -1.f, 2.5f));
-  auto const h0 = vec_of(ns, -1.f, 1.f);
+  auto x = StepData<T>::up(xh), W = StepData<T>::up(wh), dt = StepData<T>::up(StepData<T>::to_t(dth));
   Cuda const be{};
-  std::vector<float> state[2];
-  std::vector<T> out[2];
-  for (int mode = 0; mode < 2; ++mode) {
-    auto st = up(h0);
-    DeviceBuffer<T> y(xn);
+  in.run_both([&](int mode, float* st, T* y) {
     mambabyte::backend::cuda::DeltaProjection<T> proj;
     if (mode == 1) {
       proj.x = x.data(); proj.ld_x = ld_x; proj.W = W.data(); proj.rank = rank;
     }
-    selective_state_update<T>(be, batch, d_inner, d_state, st.data(), u.data(), d_inner,
-                              mode == 1 ? static_cast<T const*>(nullptr) : dt.data(), d_inner, bias.data(), true,
-                              a_log.data(), B.data(), d_state, C.data(), d_state, D.data(), z.data(), d_inner,
-                              y.data(), d_inner, /*A_is_log=*/true, proj);
-    MAMBABYTE_CUDA_CHECK(cudaDeviceSynchronize());
-    state[mode].resize(ns);
-    st.copy_to_host(state[mode].data(), ns);
-    out[mode].resize(xn);
-    y.copy_to_host(out[mode].data(), xn);
-  }
-  CHECK(std::memcmp(state[0].data(), state[1].data(), ns * sizeof(float)) == 0);
-  CHECK(std::memcmp(out[0].data(), out[1].data(), xn * sizeof(T)) == 0);
-  bool moved = false;
-  for (std::size_t i = 0; i < ns; ++i) moved = moved || state[0][i] != h0[i];
-  CHECK(moved);
+    selective_state_update<T>(be, batch, d_inner, d_state, st, in.u.data(), d_inner,
+                              mode == 1 ? static_cast<T const*>(nullptr) : dt.data(), d_inner, in.bias.data(), true,
+                              in.a_log.data(), in.B.data(), d_state, in.C.data(), d_state, in.D.data(), in.z.data(),
+                              d_inner, y, d_inner, /*A_is_log=*/true, proj);
+  });
 }
 
 }  // namespace
@@ -239,6 +229,7 @@ TEST_CASE("CUDA decode step: dt_proj inside the kernel equals delta given", "[cu
   check_delta_projection<float>(5, 200, 16, 64, 96, true, 412);  // fp32: 4 floats per 16-byte load
   check_delta_projection<bf>(3, 37, 5, 5, 21, false, 413);       // rank 5: the scalar path
   check_delta_projection<float>(9, 40, 16, 40, 52, false, 414);  // rank 40: 10 floats per thread, the scalar path
+  check_delta_projection<bf>(4, 64, 16, 64, 100, false, 415);    // rank fits, but rows of 100 bf16 are not 16-byte aligned
 }
 
 TEST_CASE("CUDA decode step: d_state other than 16", "[cuda][step][small]") {

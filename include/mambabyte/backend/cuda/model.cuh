@@ -279,7 +279,7 @@ class Model {
   /// Launches the step without waiting: the loss lands in loss_device() (a double on the device).
   void launch_forward_backward(Weights const& w, std::span<std::int32_t const> tokens, int batch, Gradients* grad,
                                double grad_scale) {
-    prepare_training(w.config(), tokens, batch);
+    prepare_training(w.config(), tokens, batch, grad != nullptr);
     train_forward(w, grad != nullptr, grad_scale);
     if (grad) train_backward(w, *grad);
   }
@@ -290,7 +290,14 @@ class Model {
   /// 353M model in bf16, for ~3% more time per step: docs/cuda.md). Takes effect at the next
   /// training step; results are bitwise the same either way (the same kernels compute u and
   /// the normed input from the same inputs).
-  void set_keep_activations(bool keep) { keep_activations_ = keep; }
+  void set_keep_activations(bool keep) {
+    if (keep != keep_activations_) {  // give the other layout's memory back (the next step allocates)
+      kept_ = bc::DeviceBuffer<S>();
+      u_ = bc::DeviceBuffer<S>();
+      ++generation_;
+    }
+    keep_activations_ = keep;
+  }
   bool keep_activations() const { return keep_activations_; }
   double read_loss() {
     double v = 0;
@@ -505,7 +512,8 @@ class Model {
   S* normed_at(int l) { return keeping_ ? u_at(l) + round64(M_ * di_) : normed_.data(); }
   float* r_at(int l) { return r_.data() + static_cast<std::size_t>(l) * M_ * dm_; }
 
-  void prepare_training(ModelConfig const& c, std::span<std::int32_t const> tokens, int batch) {
+  /// backward: a gradient step (loss() alone keeps nothing extra for a backward).
+  void prepare_training(ModelConfig const& c, std::span<std::int32_t const> tokens, int batch, bool backward) {
     require(batch > 0, "training: batch must be positive (got ", batch, ")");
     require(tokens.size() % static_cast<std::size_t>(batch) == 0, "training: ", tokens.size(),
             " tokens do not split into ", batch, " sequences of equal length");
@@ -527,7 +535,8 @@ class Model {
       }
     counted_ = M_;
     std::size_t const M = M_, dm = dm_, di = di_, X = X_;
-    keeping_ = keep_activations_;
+    keeping_ = keep_activations_ && backward;
+    after_training_ = true;
     fit_common(nl_, nl_ + 1);
     fit(dh_, M * dm);
     fit(dy_, M * di);
@@ -546,8 +555,9 @@ class Model {
   void prepare_inference(ModelConfig const& c, int batch, int length) {
     bool same = c.to_json() == c_.to_json() && batch == batch_ && length == L_ && rows_ == M_;
     set_dims(c, batch, length);
-    if (keeping_) {  // the last call was a training step that kept activations: u_ may be unallocated
+    if (after_training_) {  // a training step sized the scratch (and u_ may be unallocated): fit it again
       keeping_ = false;
+      after_training_ = false;
       same = false;
     }
     if (!same) {
@@ -873,6 +883,7 @@ class Model {
   bool keep_activations_ = true;          ///< set_keep_activations
   bool fuse_dt_ = true;                   ///< set_step_dt_projection
   bool keeping_ = false;                  ///< kept_ holds u and the normed input per layer (training step)
+  bool after_training_ = false;           ///< the last call was a training step (prepare_inference refits)
   bool allow_fused_ = true;
   bool allow_persistent_ = true;
   bool persistent_ = false;               ///< the current inference shape runs the persistent step

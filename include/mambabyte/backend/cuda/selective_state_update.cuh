@@ -200,14 +200,6 @@ void launch(StepParams<T> const& p, cudaStream_t stream) {
 
 }  // namespace step_detail
 
-/// One decode step of the selective SSM for every sequence of the batch (see the file
-/// comment): `state` (batch, d_inner, d_state) float is updated in place, out[b*ld_out + d]
-/// written. T: float or __nv_bfloat16. Asynchronous on be.stream; graph-capturable.
-/// delta_bias, D, z may be null; everything else is required (leading dimensions >= d_inner,
-/// resp. >= d_state for B and C, when batch > 1). 1 <= d_state <= 64. A_is_log: `A` holds the
-/// model's A_log and the kernel uses A = -expf(A_log) (the value the model's neg_exp kernel
-/// would store: bitwise the same step without that launch per layer and step). proj.W set: delta
-/// is computed in the kernel from proj (DeltaProjection; `delta` may then be null).
 /// The decode step's dt_proj computed inside selective_state_update (one launch fewer per layer
 /// and step): delta[b, d] = round_T(sum_r x[b * ld_x + r] W[d * rank + r]) (the fp32 sum rounded
 /// to T, as the GEMM's T output would be), then delta_bias and softplus as usual.
@@ -219,6 +211,14 @@ struct DeltaProjection {
   int rank = 0;
 };
 
+/// One decode step of the selective SSM for every sequence of the batch (see the file
+/// comment): `state` (batch, d_inner, d_state) float is updated in place, out[b*ld_out + d]
+/// written. T: float or __nv_bfloat16. Asynchronous on be.stream; graph-capturable.
+/// delta_bias, D, z may be null; everything else is required (leading dimensions >= d_inner,
+/// resp. >= d_state for B and C, when batch > 1). 1 <= d_state <= 64. A_is_log: `A` holds the
+/// model's A_log and the kernel uses A = -expf(A_log) (the value the model's neg_exp kernel
+/// would store: bitwise the same step without that launch per layer and step). proj.W set: delta
+/// is computed in the kernel from proj (DeltaProjection) and `delta` is not read (it may be null).
 template <class T>
 void selective_state_update(Cuda const& be, int batch, int d_inner, int d_state, float* state,
                             T const* u, std::int64_t ld_u, T const* delta, std::int64_t ld_delta,
@@ -238,6 +238,8 @@ void selective_state_update(Cuda const& be, int batch, int d_inner, int d_state,
   bool const project = proj.W != nullptr;
   require(state && u && (delta || project) && A && B && C && out,
           "selective_state_update (CUDA): null state / u / delta / A / B / C / out");
+  require(project || (!proj.x && proj.rank == 0),
+          "selective_state_update (CUDA): a delta projection's x or rank without its weight W");
   require(!project || (proj.x && proj.rank >= 1 && (batch == 1 || proj.ld_x >= proj.rank)),
           "selective_state_update (CUDA): delta projection needs x, rank >= 1 and ld_x >= rank (got rank ", proj.rank,
           ", ld_x ", proj.ld_x, ")");
