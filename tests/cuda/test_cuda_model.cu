@@ -222,6 +222,7 @@ void check_keep_equals_recompute(int variant, int batch, int L, std::uint64_t se
     auto forward_of = [&](mcu::Model<S>& model) {
       mcu::DeviceState st(c, batch, be);
       float const* lg = model.forward(w, inputs, batch, L, st);
+      MAMBABYTE_CUDA_CHECK(cudaStreamSynchronize(be.stream));  // the model's stream does not block the copies
       std::vector<float> logits(static_cast<std::size_t>(batch) * L * 256), state(st.size());
       MAMBABYTE_CUDA_CHECK(cudaMemcpy(logits.data(), lg, logits.size() * sizeof(float), cudaMemcpyDeviceToHost));
       MAMBABYTE_CUDA_CHECK(cudaMemcpy(state.data(), st.data(), state.size() * sizeof(float), cudaMemcpyDeviceToHost));
@@ -276,6 +277,7 @@ double step_dt_projection_gap(int batch, std::uint64_t seed) {
     for (int t = 0; t < 3; ++t) {
       std::vector<std::int32_t> tok(tokens.begin() + t * batch, tokens.begin() + (t + 1) * batch);
       float const* lg = m.step(w, tok, st);
+      MAMBABYTE_CUDA_CHECK(cudaStreamSynchronize(be.stream));
       std::vector<float> h(static_cast<std::size_t>(batch) * 256);
       MAMBABYTE_CUDA_CHECK(cudaMemcpy(h.data(), lg, h.size() * sizeof(float), cudaMemcpyDeviceToHost));
       all.insert(all.end(), h.begin(), h.end());
