@@ -9,10 +9,10 @@
 //     layer's conv and norm again instead of reading them: less memory, more time).
 //   - Prefill/<precision>/<batch>/<length>: the stateful forward (logits of every byte).
 //   - Decode/<precision>/<batch>: one graph-replayed decode step (the default path: bf16 batch
-//     <= 4 the persistent kernel of decode_persistent.cuh, else layer by layer); bytes/s = batch /
+//     <= 8 the persistent kernel of decode_persistent.cuh, else layer by layer); bytes/s = batch /
 //     time; floor_frac = (bytes of weights in the compute precision / 4.8 TB/s) / time; counters
-//     persistent / fused say which path ran. DecodeFusedPDL: decode.cuh's 3 kernels per layer
-//     chained with PDL; DecodeNoPDL: the same without PDL; DecodeUnfused: the layer-by-layer step
+//     persistent / fused say which path ran. DecodeFusedPDL: the persistent step not allowed:
+//     decode.cuh's 3 kernels per layer chained with PDL (batch <= 4; above, layer by layer); DecodeNoPDL: the same without PDL; DecodeUnfused: the layer-by-layer step
 //     (cuBLAS + state update, dt_proj inside the state update); DecodeDtGemm: that step with
 //     dt_proj as a separate GEMM.
 // --quick on the command line (first argument): a 2-layer d_model 128 model, tiny shapes (ctest).
@@ -144,7 +144,7 @@ void register_all() {
                                                    : std::vector<std::pair<int, int>>{{1, 8192}, {4, 8192}};
   std::vector<std::pair<int, int>> prefill = g_quick ? std::vector<std::pair<int, int>>{{1, 512}}
                                                      : std::vector<std::pair<int, int>>{{1, 8192}, {8, 8192}};
-  std::vector<int> decode = {1, 4, 16, 64};
+  std::vector<int> decode = {1, 4, 5, 8, 16, 64};
   int const it_train = g_quick ? 2 : 5, it_pre = g_quick ? 2 : 10, it_dec = g_quick ? 5 : 300;
   for (auto [b, l] : train) {
     benchmark::RegisterBenchmark("TrainStep/bf16", BM_TrainStep<mcu::bf16>)->Args({b, l})->UseManualTime()->Iterations(it_train)->Unit(benchmark::kMillisecond);
@@ -160,7 +160,7 @@ void register_all() {
     benchmark::RegisterBenchmark("Decode/fp32", BM_Decode<float>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
   }
   // decode.cuh's fused kernels (3 per layer, PDL) where the persistent step is the default
-  for (int b : {1, 4})
+  for (int b : {1, 4, 5, 8})
     benchmark::RegisterBenchmark("DecodeFusedPDL/bf16", BM_Decode<mcu::bf16, false, false, true>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
   // the fused decode step without programmatic dependent launch (plain kernel boundaries)
   benchmark::RegisterBenchmark("DecodeNoPDL/bf16", BM_Decode<mcu::bf16, true>)->Arg(1)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);

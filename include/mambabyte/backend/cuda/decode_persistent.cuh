@@ -2,7 +2,8 @@
  *  \brief The persistent decode step: one kernel runs a whole single-token step of a bf16 Mamba
  *         LM (every layer and the head), its blocks resident on all SMs. The blocks exchange
  *         activations through flagged words in global memory: no grid barrier. It replaces
- *         decode.cuh's chain of 3 kernels per layer where it applies: bf16, batch <= 4.
+ *         decode.cuh's chain of 3 kernels per layer where it applies (bf16, batch <= 4) and the
+ *         layer-by-layer step at batch 5-8 (one kernel for those batches, the batch a runtime value).
  *
  *  Work split (G blocks, one per SM; block g):
  *   - channels c0 = g * cpb .. c0 + cpb (cpb = ceil(d_inner / G) rounded up to 8) for the phases
@@ -103,7 +104,11 @@ inline constexpr int kWsConsumerRegs = 104;
 inline constexpr int kWsProducerRegs = 64;
 static_assert(kProducerThreads * (kWsLaunchRegs - kWsProducerRegs) == kThreads * (kWsConsumerRegs - kWsLaunchRegs),
               "setmaxnreg: the consumers take exactly what the producers give back");
-inline constexpr int kMaxBatch = 4;       ///< batch rows of the persistent step (exchange traffic grows with it)
+inline constexpr int kMaxBatch = 8;       ///< batch rows of the persistent step (exchange traffic grows with it)
+/// Batches up to kExactBatch compile a kernel each (every loop over batch rows a compile-time
+/// trip count); kExactBatch + 1 .. kMaxBatch share the kernel for kMaxBatch with the batch a
+/// runtime value (lo.B).
+inline constexpr int kExactBatch = 4;
 inline constexpr int kMaxLayers = 128;    ///< layers whose parameter pointers fit in the kernel parameters
 inline constexpr int kNormVec = 8;        ///< float4 per thread of a norm row
 inline constexpr unsigned kFlagsPerEpoch = 1024;  ///< > 4 * kMaxLayers: the flags of one launch are distinct
@@ -151,7 +156,7 @@ struct Layout {
   std::size_t oWH = 0, oFW = 0, oFB = 0;                                               // head
   std::size_t oXN = 0, oY = 0, oRed = 0, oOut = 0, oU = 0, oZ = 0, oXD = 0, oStat = 0;
   std::size_t oRO = 0;   ///< the block's out_proj rows of the residual (B x rpb fp32), kept across layers
-  std::size_t oRS = 0;   ///< the whole residual (B x dm fp32), from exchange R
+  std::size_t oRS = 0;   ///< the whole residual (B x dm fp32), from exchange R (= oY above kExactBatch)
   std::size_t oMB = 0;  ///< six mbarriers: phases A, C, B landed; (warp-specialised) A, C, B consumed
   std::size_t oLP = 0;  ///< the LayerPtrs of every layer (parameter-space loads with a runtime index are slow)
   std::size_t bytes = 0;
@@ -210,7 +215,12 @@ struct Layout {
     oFW = take(static_cast<std::size_t>(dm) * 4);
     oFB = take(static_cast<std::size_t>(dm) * 4);
     oXN = take(static_cast<std::size_t>(B) * sA);
-    oY = take(static_cast<std::size_t>(B) * sC);
+    // above kExactBatch, the y rows share their bytes with the residual rows RS (below): RS is
+    // live from the R fetch to the end of the norm, Y from the SSM step to the end of out_proj,
+    // with block barriers in between (batch 8 at the 353M shape: 248 KB -> 216 KB, under the
+    // H200's 227 KB per block)
+    bool const y_shares_rs = B > kExactBatch;
+    if (!y_shares_rs) oY = take(static_cast<std::size_t>(B) * sC);
     int const red = redA > redC ? (redA > redH ? redA : redH) : (redC > redH ? redC : redH);
     oRed = take(static_cast<std::size_t>(red) * 4);
     int const outr = round_up(2 * cpb, 16) > round_up(rpb, 16) ? round_up(2 * cpb, 16) : round_up(rpb, 16);
@@ -222,7 +232,9 @@ struct Layout {
     oRO = take(static_cast<std::size_t>(B) * rpb * 4);
     oLP = take(static_cast<std::size_t>(nl) * sizeof(LayerPtrs));
     oMB = take(48);
-    oRS = take(static_cast<std::size_t>(B) * dm * 4);
+    std::size_t const rs_bytes = static_cast<std::size_t>(B) * dm * 4, y_bytes = static_cast<std::size_t>(B) * sC;
+    oRS = take(y_shares_rs && y_bytes > rs_bytes ? y_bytes : rs_bytes);
+    if (y_shares_rs) oY = oRS;
     bytes = o;
     wP = 0;
     wX = wP + static_cast<std::size_t>(2) * B * nxb * X;
@@ -541,9 +553,9 @@ template <int kB, int V>
 __device__ __forceinline__ void norm_rows_v(Params const& p, Layout const& lo, bool from_table, float const* w,
                                             float const* bsm, bool has_b, unsigned char* smem) {
   int const tid = static_cast<int>(threadIdx.x);
-  int constexpr B = kB;
+  int const B = kB <= kExactBatch ? kB : lo.B;  // above kExactBatch: the runtime batch, <= kB
   int const dm = lo.dm;
-  int constexpr Bp = B <= 1 ? 1 : (B <= 2 ? 2 : (B <= 4 ? 4 : 8));
+  int constexpr Bp = kB <= 1 ? 1 : (kB <= 2 ? 2 : (kB <= 4 ? 4 : 8));
   int constexpr tpr = kThreads / Bp;
   int const b = tid / tpr, j = tid - b * tpr;
   bool const active = b < B;
@@ -760,7 +772,9 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
   int const tid = static_cast<int>(threadIdx.x);
   int const g = static_cast<int>(blockIdx.x);
   int const G = static_cast<int>(gridDim.x);
-  int constexpr B = kB;
+  // the batch: kB itself up to kExactBatch; above, the kernel for kMaxBatch runs batches
+  // kExactBatch + 1 .. kMaxBatch with B = lo.B (row_of<kB>'s comparisons past B are false)
+  int const B = kB <= kExactBatch ? kB : lo.B;
   int const dm = lo.dm, di = lo.di, N = lo.N, R = lo.R, X = lo.X, dc = lo.dc;
   int const c0 = g * lo.cpb, cv = g < lo.nxb ? min(lo.cpb, di - c0) : 0;
   int const m0 = g * lo.rpb, rv = g < lo.ncb ? min(lo.rpb, dm - m0) : 0;
@@ -772,6 +786,9 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
   bool constexpr ws = false;
 #endif
   int constexpr nthreads = MAMBABYTE_PERSISTENT_BLOCK;
+  // words per thread and round of the R and Y fetches (B x d_model, B x d_inner / 2 words): more
+  // in flight above kExactBatch, where they are 2x to 8x the batch-1 fetch
+  int constexpr kFetchWords = kB > kExactBatch ? 8 : 4;
 #if defined(MAMBABYTE_PERSISTENT_GATE)
   int constexpr kGate = MAMBABYTE_PERSISTENT_GATE;
 #else
@@ -926,7 +943,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
   // the residual of layer l (exchange R) -> RS rows in shared memory; between(): see ll_fetch
   auto fetch_resid = [&](int l, auto&& between) {
     float* rs = f32(lo.oRS);
-    ll_fetch<4>(wr(l), B * dm, flag(l, 3), between, [&](int i, unsigned v) { rs[i] = __uint_as_float(v); });
+    ll_fetch<kFetchWords>(wr(l), B * dm, flag(l, 3), between, [&](int i, unsigned v) { rs[i] = __uint_as_float(v); });
   };
 
   float* out = f32(lo.oOut);
@@ -1205,7 +1222,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(MAMBABYTE_PERSISTENT_BLOCK, 1)
     } else if (rv > 0) {
       int const h2 = di / 2;  // bf16 pairs of a y row
       unsigned char* yrows = smem + lo.oY;
-      ll_fetch<4>(wy(l), B * h2, flag(l, 2), [&] {
+      ll_fetch<kFetchWords>(wy(l), B * h2, flag(l, 2), [&] {
         if (!ws) issue_b(l + 1);
         MAMBABYTE_PSTAMP(l, 19);
       }, [&](int i, unsigned v) {
@@ -1307,7 +1324,7 @@ inline bool persistent_decode_supported(DecodeDims const& d, int device) {
   if (d.d_conv < 1 || d.d_conv > decode_detail::kMaxConv || d.d_state < 1 || d.d_state > decode_detail::kMaxState)
     return false;
   if (d.classes < 1) return false;
-  int const bp = d.batch <= 1 ? 1 : (d.batch <= 2 ? 2 : 4);
+  int const bp = d.batch <= 1 ? 1 : (d.batch <= 2 ? 2 : (d.batch <= 4 ? 4 : 8));
   if (d.d_model / 4 > kNormVec * (kThreads / bp)) return false;  // norm row in registers
   int major = 0, coop = 0, optin = 0;
   MAMBABYTE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
@@ -1348,6 +1365,7 @@ inline void persistent_decode_setup(Cuda const& be) {
   raise(persistent_detail::persistent_decode_kernel<2>);
   raise(persistent_detail::persistent_decode_kernel<3>);
   raise(persistent_detail::persistent_decode_kernel<4>);
+  raise(persistent_detail::persistent_decode_kernel<persistent_detail::kMaxBatch>);
 }
 
 /// Threads per block of the persistent step on be.device: kWsThreads (640) where the loaded
@@ -1399,12 +1417,13 @@ inline void persistent_decode_step(Cuda const& be, DecodeArgs<__nv_bfloat16> con
     decode_detail::launch_with(be, cooperative ? &attr : nullptr, kernel, dim3(static_cast<unsigned>(lo.G)),
                                dim3(static_cast<unsigned>(block_threads(kernel))), lo.bytes, p, lo);
   };
-  static_assert(kMaxBatch == 4, "one kernel instantiation per batch size");
+  static_assert(kExactBatch == 4 && kMaxBatch > kExactBatch, "one kernel per batch 1-4, one for 5..kMaxBatch");
   switch (d.batch) {
     case 1: launch(persistent_decode_kernel<1>); break;
     case 2: launch(persistent_decode_kernel<2>); break;
     case 3: launch(persistent_decode_kernel<3>); break;
-    default: launch(persistent_decode_kernel<4>); break;
+    case 4: launch(persistent_decode_kernel<4>); break;
+    default: launch(persistent_decode_kernel<kMaxBatch>); break;
   }
 }
 
