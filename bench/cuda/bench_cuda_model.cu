@@ -13,8 +13,9 @@
 //     time; floor_frac = (bytes of weights in the compute precision / 4.8 TB/s) / time; counters
 //     persistent / fused say which path ran. DecodeFusedPDL: the persistent step not allowed:
 //     decode.cuh's 3 kernels per layer chained with PDL (batch <= 4; above, layer by layer); DecodeNoPDL: the same without PDL; DecodeUnfused: the layer-by-layer step
-//     (cuBLAS + state update, dt_proj inside the state update); DecodeDtGemm: that step with
-//     dt_proj as a separate GEMM.
+//     (cuBLAS + state update, dt_proj inside the state update, conv + x_proj in one kernel);
+//     DecodeDtGemm: that step with dt_proj as a separate GEMM; DecodeConvXprojSplit: with the
+//     conv kernel and the x_proj GEMM.
 // --quick on the command line (first argument): a 2-layer d_model 128 model, tiny shapes (ctest).
 #include <mambabyte/cuda.hpp>
 #include <mambabyte/mambabyte.hpp>
@@ -115,7 +116,8 @@ void BM_Prefill(benchmark::State& state) {
       benchmark::Counter(double(batch) * L * state.iterations(), benchmark::Counter::kIsRate);
 }
 
-template <class S, bool kNoPdl = false, bool kUnfused = false, bool kNoPersistent = false, bool kDtGemm = false>
+template <class S, bool kNoPdl = false, bool kUnfused = false, bool kNoPersistent = false, bool kDtGemm = false,
+          bool kCxSplit = false>
 void BM_Decode(benchmark::State& state) {
   int const batch = static_cast<int>(state.range(0));
   auto const be = make_be();
@@ -127,6 +129,7 @@ void BM_Decode(benchmark::State& state) {
   if (kUnfused) m.set_fused_decode(false);
   if (kNoPersistent || kNoPdl) m.set_persistent_decode(false);
   if (kDtGemm) m.set_step_dt_projection(false);
+  if (kCxSplit) m.set_step_conv_xproj(false);
   mcu::DeviceState st(c, batch, be);
   auto const tokens = random_bytes(static_cast<std::size_t>(batch), 11);
   for (int i = 0; i < 3; ++i) (void)m.step(w, tokens, st);  // capture + warm-up
@@ -144,7 +147,7 @@ void register_all() {
                                                    : std::vector<std::pair<int, int>>{{1, 8192}, {4, 8192}};
   std::vector<std::pair<int, int>> prefill = g_quick ? std::vector<std::pair<int, int>>{{1, 512}}
                                                      : std::vector<std::pair<int, int>>{{1, 8192}, {8, 8192}};
-  std::vector<int> decode = {1, 4, 5, 8, 16, 64};
+  std::vector<int> decode = {1, 4, 5, 8, 16, 32, 64};
   int const it_train = g_quick ? 2 : 5, it_pre = g_quick ? 2 : 10, it_dec = g_quick ? 5 : 300;
   for (auto [b, l] : train) {
     benchmark::RegisterBenchmark("TrainStep/bf16", BM_TrainStep<mcu::bf16>)->Args({b, l})->UseManualTime()->Iterations(it_train)->Unit(benchmark::kMillisecond);
@@ -171,6 +174,11 @@ void register_all() {
   for (int b : {16, 64})
     benchmark::RegisterBenchmark("DecodeDtGemm/bf16", BM_Decode<mcu::bf16, false, false, false, true>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("DecodeDtGemm/fp32", BM_Decode<float, false, false, false, true>)->Arg(1)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
+  // the layer-by-layer step with the conv kernel and the x_proj GEMM (set_step_conv_xproj(false))
+  for (int b : {16, 32})  // (above 32 the bf16 step keeps the split: Model::kStepConvXprojMaxBatchBf16)
+    benchmark::RegisterBenchmark("DecodeConvXprojSplit/bf16", BM_Decode<mcu::bf16, false, false, false, false, true>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
+  for (int b : {1, 64})
+    benchmark::RegisterBenchmark("DecodeConvXprojSplit/fp32", BM_Decode<float, false, false, false, false, true>)->Arg(b)->UseManualTime()->Iterations(it_dec)->Unit(benchmark::kMicrosecond);
 }
 
 }  // namespace

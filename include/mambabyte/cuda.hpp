@@ -25,6 +25,7 @@
 #include "mambabyte/backend/cuda/selective_scan_associative.cuh"
 #include "mambabyte/backend/cuda/layers.cuh"
 #include "mambabyte/backend/cuda/selective_state_update.cuh"
+#include "mambabyte/backend/cuda/decode_conv_xproj.cuh"
 #include "mambabyte/backend/cuda/gemm.cuh"
 #include "mambabyte/backend/cuda/decode.cuh"
 #include "mambabyte/backend/cuda/decode_persistent.cuh"

@@ -25,6 +25,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <type_traits>
@@ -291,4 +292,143 @@ TEST_CASE("CUDA decode step: argument checks", "[cuda][step][small]") {
   // batch 0: nothing to do, no CUDA call.
   selective_state_update<float>(be, 0, 8, 16, nullptr, nullptr, 0, nullptr, 0, nullptr, true, nullptr, nullptr, 0,
                                 nullptr, 0, nullptr, nullptr, 0, nullptr, 0);
+}
+
+// ---- the layer-by-layer step's conv + x_proj kernel (decode_conv_xproj.cuh) ----------------------
+
+namespace {
+
+/// conv_xproj_step against the conv kernel (conv1d_forward over one step with a state: u and the
+/// new state bitwise equal) and x_proj replicated on the host in the kernel's order (per split of
+/// 128 channels four fmaf chains, chain k over the 16-byte chunks k, k + 4, ... of channels, added
+/// as (0 + 1) + (2 + 3); the splits added in order; rounded to T: bitwise), and against a double-precision sum (sanity). Launched three
+/// times from the same inputs, the output zeroed in between: the counters are back at zero after
+/// each launch (else no block would write the output).
+template <class T>
+void check_conv_xproj(int batch, int d_inner, int width, int X, bool bias, std::uint64_t seed) {
+  INFO("conv_xproj batch=" << batch << " d_inner=" << d_inner << " width=" << width << " X=" << X
+                           << " bias=" << bias);
+  using SD = StepData<T>;
+  namespace bc = mambabyte::backend::cuda;
+  SD in(1, 1, 1, seed);  // its random generator and conversions only
+  std::size_t const ld_x = 2 * static_cast<std::size_t>(d_inner);  // in_proj's rows: x then z
+  std::size_t const nst = static_cast<std::size_t>(batch) * (width - 1) * d_inner;
+  auto const xh = SD::to_t(in.vec(static_cast<std::size_t>(batch) * ld_x, -2.f, 2.f));
+  auto const cw = in.vec(static_cast<std::size_t>(d_inner) * width, -0.7f, 0.7f);
+  auto const cb = in.vec(static_cast<std::size_t>(d_inner), -0.3f, 0.3f);
+  auto const st0 = in.vec(nst, -1.5f, 1.5f);
+  auto const wh = SD::to_t(in.vec(static_cast<std::size_t>(X) * d_inner, -0.3f, 0.3f));
+  auto x = SD::up(xh), W = SD::up(wh);
+  auto cwd = SD::up(cw), cbd = SD::up(cb);
+  std::size_t const nu = static_cast<std::size_t>(batch) * d_inner, no = static_cast<std::size_t>(batch) * X;
+  Cuda const be{};
+  // the conv kernel's step: the reference u and state
+  bc::DeviceBuffer<float> st_ref(std::max<std::size_t>(nst, 1));
+  if (nst) st_ref.copy_from_host(st0.data(), nst);
+  bc::DeviceBuffer<T> u_ref(nu);
+  bc::conv1d_forward<T>(be, batch, 1, d_inner, width, x.data(), static_cast<std::int64_t>(ld_x), cwd.data(),
+                        bias ? cbd.data() : nullptr, u_ref.data(), d_inner, nst ? st_ref.data() : nullptr, true);
+  std::vector<T> uh(nu);
+  std::vector<float> sth(nst);
+  MAMBABYTE_CUDA_CHECK(cudaDeviceSynchronize());
+  u_ref.copy_to_host(uh.data(), nu);
+  if (nst) st_ref.copy_to_host(sth.data(), nst);
+  // x_proj in the kernel's order, and in double
+  std::vector<T> want(no);
+  std::vector<double> exact(no), mag(no);
+  int const splits = (d_inner + 127) / 128;
+  constexpr int E = 16 / static_cast<int>(sizeof(T));  // channels per 16-byte chunk
+  for (int b = 0; b < batch; ++b)
+    for (int j = 0; j < X; ++j) {
+      float t = 0.f;
+      double e = 0, m = 0;
+      for (int q = 0; q < splits; ++q) {
+        int const c0 = 128 * q, cn = std::min(128, d_inner - c0);
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int k = 0; k < 4; ++k)
+          for (int ch = k; ch * E < cn; ch += 4)
+            for (int c = c0 + E * ch; c < c0 + std::min(cn, E * ch + E); ++c) {
+              float const wv = SD::to_f(wh[static_cast<std::size_t>(j) * d_inner + c]);
+              float const uv = SD::to_f(uh[static_cast<std::size_t>(b) * d_inner + c]);
+              s[k] = std::fma(wv, uv, s[k]);
+              e += double(wv) * uv;
+              m += std::fabs(double(wv) * uv);
+            }
+        t += (s[0] + s[1]) + (s[2] + s[3]);
+      }
+      want[static_cast<std::size_t>(b) * X + j] = SD::to_t({t})[0];
+      exact[static_cast<std::size_t>(b) * X + j] = e;
+      mag[static_cast<std::size_t>(b) * X + j] = m;
+    }
+  bc::DeviceBuffer<float> part(std::max<std::size_t>(bc::conv_xproj_partial_floats(batch, d_inner, X), 1));
+  std::size_t const ncount = bc::conv_xproj_counters(batch, d_inner);
+  bc::DeviceBuffer<unsigned> count(ncount);
+  bc::conv_xproj_reset(be, count.data(), ncount);
+  bc::DeviceBuffer<float> st(std::max<std::size_t>(nst, 1));
+  bc::DeviceBuffer<T> u(nu), out(no);
+  for (int run = 0; run < 3; ++run) {
+    CAPTURE(run);
+    if (nst) st.copy_from_host(st0.data(), nst);
+    MAMBABYTE_CUDA_CHECK(cudaMemset(out.data(), 0, no * sizeof(T)));
+    MAMBABYTE_CUDA_CHECK(cudaMemset(u.data(), 0, nu * sizeof(T)));
+    bc::conv_xproj_step<T>(be, batch, d_inner, width, x.data(), static_cast<std::int64_t>(ld_x), cwd.data(),
+                           bias ? cbd.data() : nullptr, nst ? st.data() : nullptr, u.data(), d_inner, W.data(), X,
+                           out.data(), X, part.data(), count.data());
+    MAMBABYTE_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<T> ug(nu), og(no);
+    std::vector<float> sg(nst);
+    u.copy_to_host(ug.data(), nu);
+    out.copy_to_host(og.data(), no);
+    if (nst) st.copy_to_host(sg.data(), nst);
+    CHECK(std::memcmp(ug.data(), uh.data(), nu * sizeof(T)) == 0);
+    CHECK(std::memcmp(sg.data(), sth.data(), nst * sizeof(float)) == 0);
+    CHECK(std::memcmp(og.data(), want.data(), no * sizeof(T)) == 0);
+    double worst = 0;  // against the double sum, in units of the terms' magnitude
+    for (std::size_t i = 0; i < no; ++i)
+      worst = std::max(worst, std::fabs(SD::to_f(og[i]) - exact[i]) / (mag[i] + 1e-30));
+    CAPTURE(worst);
+    CHECK(worst < (std::is_same_v<T, float> ? 1e-5 : 8e-3));
+  }
+  std::vector<unsigned> ch(ncount);
+  count.copy_to_host(ch.data(), ncount);
+  CHECK(std::all_of(ch.begin(), ch.end(), [](unsigned v) { return v == 0u; }));
+}
+
+}  // namespace
+
+TEST_CASE("CUDA decode conv + x_proj step equals the conv kernel and x_proj in its order", "[cuda][step][small]") {
+  REQUIRE_GPU();
+  struct Shape {
+    int batch, d_inner, width, X;
+    bool bias;
+  };
+  // the 353M shape at batch 1 and 64 (16 splits; 1 and 4 batch rows per block), odd d_inner (a
+  // partial last split; 130: the scalar W path), width 1 (no state) and 5, x_proj widths that are
+  // not multiples of 4, batch 130 (one row per block), 17 splits (more than the partials the last
+  // block loads at once)
+  for (Shape s : {Shape{1, 2048, 4, 96, true}, Shape{64, 2048, 4, 96, true}, Shape{3, 200, 4, 37, false},
+                  Shape{9, 130, 1, 5, true}, Shape{17, 260, 5, 40, true}, Shape{130, 136, 3, 12, false},
+                  Shape{2, 2176, 4, 20, true}}) {
+    check_conv_xproj<float>(s.batch, s.d_inner, s.width, s.X, s.bias, 900 + s.batch);
+    check_conv_xproj<bf>(s.batch, s.d_inner, s.width, s.X, s.bias, 950 + s.batch);
+  }
+}
+
+TEST_CASE("CUDA decode conv + x_proj step: argument checks", "[cuda][step][small]") {
+  namespace bc = mambabyte::backend::cuda;
+  Cuda const be{};
+  float f = 0;
+  unsigned c = 0;
+  CHECK_THROWS_AS(bc::conv_xproj_step<float>(be, 1, 0, 4, &f, 8, &f, nullptr, &f, &f, 8, &f, 4, &f, 4, &f, &c),
+                  mambabyte::Error);  // d_inner 0
+  CHECK_THROWS_AS(bc::conv_xproj_step<float>(be, 1, 8, 0, &f, 8, &f, nullptr, &f, &f, 8, &f, 4, &f, 4, &f, &c),
+                  mambabyte::Error);  // width 0
+  CHECK_THROWS_AS(bc::conv_xproj_step<float>(be, 1, 8, 4, &f, 8, &f, nullptr, &f, &f, 8, &f, 4, &f, 4, nullptr, &c),
+                  mambabyte::Error);  // no workspace
+  CHECK_THROWS_AS(bc::conv_xproj_step<float>(be, 2, 8, 4, &f, 4, &f, nullptr, &f, &f, 8, &f, 4, &f, 4, &f, &c),
+                  mambabyte::Error);  // ld_x < d_inner with batch > 1
+  CHECK_THROWS_AS(bc::conv_xproj_step<float>(be, 1, 8, 4, &f, 8, &f, nullptr, nullptr, &f, 8, &f, 4, &f, 4, &f, &c),
+                  mambabyte::Error);  // width > 1 without a state
+  bc::conv_xproj_step<float>(be, 0, 8, 4, nullptr, 0, nullptr, nullptr, nullptr, nullptr, 0, nullptr, 4, nullptr, 0,
+                             nullptr, nullptr);  // batch 0: nothing to do
 }

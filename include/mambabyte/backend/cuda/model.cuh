@@ -420,6 +420,20 @@ class Model {
     if (fused != fuse_dt_) ++generation_;  // recapture the step graph
     fuse_dt_ = fused;
   }
+  /// Largest bf16 batch whose layer-by-layer step runs the conv + x_proj kernel (fp32: every
+  /// batch). Measured on an H200 at the 353M shape (docs/cuda.md, run 107), against the conv
+  /// kernel + the x_proj GEMM in the same call: bf16 batch 16 1253-1258 vs 1376 us, 32 1521-1529
+  /// vs 1529-1537, 64 1827-1829 vs 1790-1797 (cuBLAS's tensor-core GEMM wins there); fp32 batch 1
+  /// 1188-1191 vs 1349-1360, 64 3518-3523 vs 3635-3648.
+  static constexpr int kStepConvXprojMaxBatchBf16 = 32;
+  /// The layer-by-layer single-token step runs the causal conv and x_proj as one kernel
+  /// (default, where it is faster: kStepConvXprojMaxBatchBf16; decode_conv_xproj.cuh, one launch
+  /// fewer per layer) or always as the conv kernel and a cuBLAS GEMM (false; benchmarks compare
+  /// the two). The two differ by x_proj's summation order.
+  void set_step_conv_xproj(bool fused) {
+    if (fused != fuse_cx_) ++generation_;
+    fuse_cx_ = fused;
+  }
   /// Whether the last inference call ran the persistent single-kernel step.
   bool persistent_decode() const { return persistent_; }
   /// Whether the last inference call (forward / step) ran decode.cuh's fused single-token
@@ -581,6 +595,15 @@ class Model {
       fit(xpart_, std::max<std::size_t>(bc::decode_xpart_floats<S>(decode_dims()), 4));
       bc::decode_setup<S>(be_, decode_dims());
     }
+    if (length == 1 && !decode_ && step_conv_xproj(batch)) {  // the layer-by-layer step's conv + x_proj workspace
+      fit(cx_part_, std::max<std::size_t>(bc::conv_xproj_partial_floats(batch, di_, X_), 1));
+      std::size_t const nc = bc::conv_xproj_counters(batch, di_);
+      if (cx_count_.size() < nc) {  // fresh counters start at zero; the kernel leaves them zero
+        fit(cx_count_, nc);
+        bc::conv_xproj_reset(be_, cx_count_.data(), cx_count_.size());
+      }
+      bc::conv_xproj_setup<S>(be_);  // its shared-memory limit, before a graph capture
+    }
   }
 
   typename Scan::Arguments scan_args(WeightViews<float> const& fw, int l, S const* xz, S const* xdbl, S const* u) {
@@ -628,6 +651,11 @@ class Model {
     bc::linear_forward<S, S>(blas_, be_, M, N, K, x, ld_x, W, y, ld_y, bias != nullptr);
   }
 
+  /// Whether the layer-by-layer single-token step at this batch runs conv_xproj_step.
+  bool step_conv_xproj(int batch) const {
+    return fuse_cx_ && (std::is_same_v<S, float> || batch <= kStepConvXprojMaxBatchBf16);
+  }
+
   void compute_A(float const* A_log) {
     int const n = di_ * N_;
     model_kernel::neg_exp<<<blocks_for(n), 256, 0, be_.stream>>>(A_log, A_.data(), n);
@@ -640,11 +668,16 @@ class Model {
     auto const& cw = w.compute().layers[l];
     auto const& fw = w.master().layers[l];
     int const di = di_, X = X_, K = c_.d_conv;
-    linear(normed, dm_, cw.in_proj_w, fw.in_proj_b, xz, 2 * di, 2 * di, dm_);
-    bc::conv1d_forward<S>(be_, batch_, L_, di, K, xz, 2 * di, fw.conv_w, fw.conv_b, u, di,
-                          state ? state->conv(l) : nullptr, true);
-    linear(u, di, cw.x_proj_w, nullptr, xdbl, X, X, di);
     bool const step = state && L_ == 1;
+    linear(normed, dm_, cw.in_proj_w, fw.in_proj_b, xz, 2 * di, 2 * di, dm_);
+    if (step && step_conv_xproj(batch_)) {  // conv + x_proj in one kernel (prepare_inference sized its workspace)
+      bc::conv_xproj_step<S>(be_, batch_, di, K, xz, 2 * di, fw.conv_w, fw.conv_b, state->conv(l), u, di,
+                             cw.x_proj_w, X, xdbl, X, cx_part_.data(), cx_count_.data());
+    } else {
+      bc::conv1d_forward<S>(be_, batch_, L_, di, K, xz, 2 * di, fw.conv_w, fw.conv_b, u, di,
+                            state ? state->conv(l) : nullptr, true);
+      linear(u, di, cw.x_proj_w, nullptr, xdbl, X, X, di);
+    }
     // the single-token step computes dt_proj inside the state update (one GEMM launch fewer)
     bc::DeltaProjection<S> proj;
     if (step && fuse_dt_) {
@@ -882,6 +915,9 @@ class Model {
   std::uint64_t generation_ = 0, graph_generation_ = 0;
   bool keep_activations_ = true;          ///< set_keep_activations
   bool fuse_dt_ = true;                   ///< set_step_dt_projection
+  bool fuse_cx_ = true;                   ///< set_step_conv_xproj
+  bc::DeviceBuffer<float> cx_part_;       ///< conv_xproj_step's partial sums
+  bc::DeviceBuffer<unsigned> cx_count_;   ///< and its counters (zero between launches)
   bool keeping_ = false;                  ///< kept_ holds u and the normed input per layer (training step)
   bool after_training_ = false;           ///< the last call was a training step (prepare_inference refits)
   bool allow_fused_ = true;
