@@ -261,9 +261,8 @@ namespace {
 /// Three layer-by-layer decode steps of `batch` sequences with a fused variant on (the default)
 /// and off (`use(m, false)`: dt_proj as a separate GEMM, or the conv kernel + the x_proj GEMM):
 /// the logits agree to the storage type's rounding (the two sum in different orders).
-template <class S, class Use>
-double step_variant_gap(int batch, std::uint64_t seed, Use&& use) {
-  auto const c = config_variant(0);
+template <class S, class Use, class After>
+double step_variant_gap(ModelConfig const& c, int batch, std::uint64_t seed, Use&& use, After&& after) {
   auto const wf = random_weights<float>(c, seed);
   auto const be = make_be();
   mcu::DeviceWeights<S> w(wf, be);
@@ -283,6 +282,7 @@ double step_variant_gap(int batch, std::uint64_t seed, Use&& use) {
       all.insert(all.end(), h.begin(), h.end());
     }
     CHECK_FALSE(m.persistent_decode());
+    after(m, fused);
     return all;
   };
   return rel_err(run(true), run(false));
@@ -292,9 +292,10 @@ double step_variant_gap(int batch, std::uint64_t seed, Use&& use) {
 TEST_CASE("cuda model: the step's dt_proj inside the state update equals the dt_proj GEMM", "[cuda][model][small]") {
   REQUIRE_GPU();
   auto use = [](auto& m, bool fused) { m.set_step_dt_projection(fused); };
-  double const f = step_variant_gap<float>(5, 700, use);
+  auto none = [](auto&, bool) {};
+  double const f = step_variant_gap<float>(config_variant(0), 5, 700, use, none);
   CHECK(f < 1e-5);
-  double const h = step_variant_gap<mcu::bf16>(64, 701, use);
+  double const h = step_variant_gap<mcu::bf16>(config_variant(0), 64, 701, use, none);
   CHECK(h < 2e-2);
 }
 
@@ -302,16 +303,28 @@ TEST_CASE("cuda model: the step's conv + x_proj kernel equals the conv kernel an
           "[cuda][model][small]") {
   REQUIRE_GPU();
   auto use = [](auto& m, bool fused) { m.set_step_conv_xproj(fused); };
+  auto ran = [](auto& m, bool fused) { CHECK(m.step_conv_xproj_used() == fused); };
+  // x_proj width 80 (d_model 256, d_state 32): the fp32 kernel's W slice needs 50 KB of shared
+  // memory, raised before the graph capture (conv_xproj_setup in prepare_inference)
+  ModelConfig wide;
+  wide.d_model = 256; wide.n_layer = 2; wide.d_state = 32; wide.d_conv = 4; wide.tie_embeddings = false;
+  wide.finalize();
+  REQUIRE(wide.dt_rank + 2 * wide.d_state == 80);
   for (int batch : {1, 9}) {
     CAPTURE(batch);
-    double const f = step_variant_gap<float>(batch, 710, use);
+    double const f = step_variant_gap<float>(config_variant(0), batch, 710, use, ran);
     CAPTURE(f);
     CHECK(f < 1e-5);  // (at this small shape the two orders happen to agree bitwise at batch 1)
+    double const fw = step_variant_gap<float>(wide, batch, 712, use, ran);
+    CAPTURE(fw);
+    CHECK(fw < 1e-5);
   }
   static_assert(mcu::Model<mcu::bf16>::kStepConvXprojMaxBatchBf16 >= 20);
-  double const h = step_variant_gap<mcu::bf16>(20, 711, use);  // bf16 runs it up to batch 32
+  double const h = step_variant_gap<mcu::bf16>(config_variant(0), 20, 711, use, ran);  // bf16: up to batch 32
   CAPTURE(h);
   CHECK(h < 2e-2);
+  // above kStepConvXprojMaxBatchBf16 the bf16 step keeps the conv kernel + GEMM
+  (void)step_variant_gap<mcu::bf16>(config_variant(0), 33, 713, use, [](auto& m, bool) { CHECK_FALSE(m.step_conv_xproj_used()); });
 }
 
 TEST_CASE("cuda model: stateful forward in chunks and the graph decode step match the CPU", "[cuda][model][small]") {
@@ -496,7 +509,9 @@ namespace {
 /// not a multiple of 4 (scalar partial sums); a model whose out_proj has 26 k steps (the
 /// warp-specialised kernel's per-warp y fetch, with more steps than warps, not a multiple of
 /// them; the first two shapes, 4 and 9 steps, and the last take the block-wide fetch); a model
-/// whose channel blocks (24 channels each on a 132-SM H200) leave the last one partial.
+/// whose channel blocks (24 channels each on a 132-SM H200) leave the last one partial; expand 1
+/// (d_inner = d_model: at batch 5-8 the y rows share the residual rows' shared memory, and here
+/// those are the larger).
 ModelConfig persistent_config(int v) {
   ModelConfig c;
   switch (v) {
@@ -506,6 +521,10 @@ ModelConfig persistent_config(int v) {
     case 1:
       c.d_model = 96; c.n_layer = 2; c.expand = 3; c.d_state = 32; c.d_conv = 5; c.dt_rank = 5;
       c.bias = true; c.conv_bias = false; c.rms_norm = true; c.tie_embeddings = true; c.vocab_size = 264;
+      break;
+    case 4:  // expand 1: the residual rows take more shared memory than the y rows (batch 5-8 alias them)
+      c.d_model = 96; c.n_layer = 2; c.expand = 1; c.d_state = 16; c.d_conv = 4; c.rms_norm = false;
+      c.tie_embeddings = false;
       break;
     case 3:  // d_inner 832: 26 out_proj k steps of 32 columns (>= 16 warps, not a multiple of 16)
       c.d_model = 416; c.n_layer = 2; c.d_state = 16; c.d_conv = 4; c.rms_norm = false; c.tie_embeddings = false;
@@ -545,7 +564,7 @@ TEST_CASE("cuda model: the persistent decode step equals the parallel forward an
             mambabyte::backend::cuda::persistent_detail::kWsThreads);
   }
 #endif
-  for (int v = 0; v < 4; ++v) {
+  for (int v = 0; v < 5; ++v) {
     auto const c = persistent_config(v);
     // 1-4: a kernel each; 5-8: one kernel with the batch at run time (Y rows sharing RS's bytes)
     for (int batch : {1, 2, 3, 4, 5, 7, 8}) {
@@ -616,7 +635,7 @@ TEST_CASE("cuda model: the persistent step over many launches and changes of bat
 // under racecheck).
 TEST_CASE("cuda model: persistent decode step, every shape once (racecheck)", "[.][race]") {
   REQUIRE_GPU();
-  for (int v = 0; v < 4; ++v)
+  for (int v = 0; v < 5; ++v)
     for (int batch : {1, 4, 8}) {
       CAPTURE(v, batch);
       auto const p = decode_vs_parallel<mcu::bf16>(persistent_config(v), batch, 720 + v);

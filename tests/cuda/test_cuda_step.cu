@@ -405,10 +405,12 @@ TEST_CASE("CUDA decode conv + x_proj step equals the conv kernel and x_proj in i
   // the 353M shape at batch 1 and 64 (16 splits; 1 and 4 batch rows per block), odd d_inner (a
   // partial last split; 130: the scalar W path), width 1 (no state) and 5, x_proj widths that are
   // not multiples of 4, batch 130 (one row per block), 17 splits (more than the partials the last
-  // block loads at once)
+  // block loads at once); partial last row groups: batch 33 (2 rows per block, the last group 1),
+  // 130 x 2048 (8 rows, the last group 2; width 2), 301 x 260 (3 rows, the last group 1; a partial split)
   for (Shape s : {Shape{1, 2048, 4, 96, true}, Shape{64, 2048, 4, 96, true}, Shape{3, 200, 4, 37, false},
                   Shape{9, 130, 1, 5, true}, Shape{17, 260, 5, 40, true}, Shape{130, 136, 3, 12, false},
-                  Shape{2, 2176, 4, 20, true}}) {
+                  Shape{2, 2176, 4, 20, true}, Shape{33, 2048, 4, 96, true}, Shape{130, 2048, 2, 96, false},
+                  Shape{301, 260, 5, 40, true}}) {
     check_conv_xproj<float>(s.batch, s.d_inner, s.width, s.X, s.bias, 900 + s.batch);
     check_conv_xproj<bf>(s.batch, s.d_inner, s.width, s.X, s.bias, 950 + s.batch);
   }

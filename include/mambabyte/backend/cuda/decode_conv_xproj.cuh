@@ -34,6 +34,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -50,8 +51,10 @@ namespace conv_xproj_detail {
 inline constexpr int kThreads = 256;   ///< threads per block
 inline constexpr int kChannels = 128;  ///< channels per block: x_proj's sum is split in d_inner / kChannels parts
 inline constexpr int kMaxRows = 8;     ///< batch rows per block
-inline constexpr int kTargetBlocks = 256;
-inline constexpr std::size_t kMaxSmem = 96 * 1024;  ///< dynamic shared memory allowed (x_proj widths up to ~330 in fp32)  ///< row groups x splits wanted (two blocks per SM)
+inline constexpr int kTargetBlocks = 256;  ///< row groups x splits wanted (two blocks per SM)
+/// Dynamic shared memory the kernel may use (and the device must allow): x_proj widths up to 163
+/// in fp32, 294 in bf16 (conv_xproj_supported; the model keeps the conv kernel + GEMM beyond).
+inline constexpr std::size_t kMaxSmem = 96 * 1024;
 inline constexpr int kSumAhead = 16;       ///< partials loaded before the last block adds them
 /// Channels per 16-byte chunk of T (the unit of the x_proj lanes' interleave).
 template <class T>
@@ -237,10 +240,10 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads) conv_xproj_step(Params<T> cons
   if (tid == 0) {
     __threadfence();
     last = atomicAdd(p.counter + grp, 1u) + 1u == static_cast<unsigned>(p.splits);
+    __threadfence();  // acquire: the other blocks' partials before this block's reads (after the barrier)
   }
   __syncthreads();
   if (!last) return;
-  __threadfence();
   float const* const gp = p.partial + static_cast<std::int64_t>(grp) * p.splits * p.rows * X;
   std::int64_t const stride = static_cast<std::int64_t>(p.rows) * X;
   for (int o = tid; o < bn * X; o += kThreads) {
@@ -285,16 +288,35 @@ inline void conv_xproj_reset(Cuda const& be, unsigned* counters, std::size_t n) 
   if (n) MAMBABYTE_CUDA_CHECK(cudaMemsetAsync(counters, 0, n * sizeof(unsigned), be.stream));
 }
 
-/// Raises the kernels' dynamic shared-memory limit to kMaxSmem (x_proj widths whose W slice
-/// needs more than 48 KB: fp32 at the 353M shape). Call it before capturing a graph that holds
-/// conv_xproj_step (outside a capture conv_xproj_step calls it itself).
+/// The device's per-block shared-memory limit with opt-in (bytes).
+inline std::size_t device_smem_optin(int device) {
+  int optin = 0;
+  MAMBABYTE_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<std::size_t>(optin);
+}
+
+/// Whether conv_xproj_step runs an x_proj of width X with storage T on `device` (its W slice
+/// fits the shared memory it may use).
+template <class T>
+bool conv_xproj_supported(int X, int device) {
+  using namespace conv_xproj_detail;
+  return X >= 1 && smem_bytes<T>(X) <= std::min<std::size_t>(kMaxSmem, device_smem_optin(device));
+}
+
+/// Raises the kernels' dynamic shared-memory limit to kMaxSmem, or the device's limit if lower
+/// (x_proj widths whose W slice needs more than 48 KB: fp32 at the 353M shape); once per device
+/// and T. Call it before capturing a graph that holds conv_xproj_step (outside a capture
+/// conv_xproj_step calls it itself).
 template <class T>
 void conv_xproj_setup(Cuda const& be) {
   using namespace conv_xproj_detail;
+  static std::atomic<std::uint64_t> done{0};  // devices (id < 64) already raised, per T
+  std::uint64_t const bit = be.device >= 0 && be.device < 64 ? std::uint64_t{1} << be.device : 0;
+  if (bit && (done.load(std::memory_order_acquire) & bit)) return;
   ScopedDevice guard(be.device);
-  auto raise = [](auto kernel) {
-    MAMBABYTE_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxSmem)));
+  int const limit = static_cast<int>(std::min<std::size_t>(kMaxSmem, device_smem_optin(be.device)));
+  auto raise = [limit](auto kernel) {
+    MAMBABYTE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
   };
   auto both = [&]<int kW>() {
     raise(conv_xproj_detail::kernel::conv_xproj_step<T, kW, 1>);
@@ -305,6 +327,7 @@ void conv_xproj_setup(Cuda const& be) {
   both.template operator()<2>();
   both.template operator()<3>();
   both.template operator()<4>();
+  done.fetch_or(bit, std::memory_order_acq_rel);
 }
 
 /// One step of the causal conv (+ SiLU) and x_proj for every sequence (see the file comment).
@@ -340,7 +363,7 @@ void conv_xproj_step(Cuda const& be, int batch, int d_inner, int width, T const*
   p.vec = d_inner % kChunk<T> == 0 && reinterpret_cast<std::uintptr_t>(W) % 16 == 0;
   std::size_t const smem = smem_bytes<T>(X);
   require(smem <= kMaxSmem, "conv_xproj_step (CUDA): x_proj width ", X, " needs ", smem,
-          " bytes of shared memory (at most ", kMaxSmem, ")");
+          " bytes of shared memory (at most ", kMaxSmem, "; conv_xproj_supported says which widths run)");
   ScopedDevice guard(be.device);
   if (smem > 48 * 1024) {  // outside a capture the limit is raised here; a capture needs conv_xproj_setup first
     cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;

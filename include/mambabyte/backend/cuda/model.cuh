@@ -434,6 +434,9 @@ class Model {
     if (fused != fuse_cx_) ++generation_;
     fuse_cx_ = fused;
   }
+  /// Whether the last inference call, a layer-by-layer single-token step, ran the conv + x_proj
+  /// kernel (set_step_conv_xproj).
+  bool step_conv_xproj_used() const { return cx_step_; }
   /// Whether the last inference call ran the persistent single-kernel step.
   bool persistent_decode() const { return persistent_; }
   /// Whether the last inference call (forward / step) ran decode.cuh's fused single-token
@@ -595,7 +598,8 @@ class Model {
       fit(xpart_, std::max<std::size_t>(bc::decode_xpart_floats<S>(decode_dims()), 4));
       bc::decode_setup<S>(be_, decode_dims());
     }
-    if (length == 1 && !decode_ && step_conv_xproj(batch)) {  // the layer-by-layer step's conv + x_proj workspace
+    cx_step_ = length == 1 && !decode_ && step_conv_xproj(batch);
+    if (cx_step_) {  // the layer-by-layer step's conv + x_proj workspace
       fit(cx_part_, std::max<std::size_t>(bc::conv_xproj_partial_floats(batch, di_, X_), 1));
       std::size_t const nc = bc::conv_xproj_counters(batch, di_);
       if (cx_count_.size() < nc) {  // fresh counters start at zero; the kernel leaves them zero
@@ -653,7 +657,8 @@ class Model {
 
   /// Whether the layer-by-layer single-token step at this batch runs conv_xproj_step.
   bool step_conv_xproj(int batch) const {
-    return fuse_cx_ && (std::is_same_v<S, float> || batch <= kStepConvXprojMaxBatchBf16);
+    return fuse_cx_ && (std::is_same_v<S, float> || batch <= kStepConvXprojMaxBatchBf16) &&
+           bc::conv_xproj_supported<S>(X_, be_.device);
   }
 
   void compute_A(float const* A_log) {
@@ -670,7 +675,7 @@ class Model {
     int const di = di_, X = X_, K = c_.d_conv;
     bool const step = state && L_ == 1;
     linear(normed, dm_, cw.in_proj_w, fw.in_proj_b, xz, 2 * di, 2 * di, dm_);
-    if (step && step_conv_xproj(batch_)) {  // conv + x_proj in one kernel (prepare_inference sized its workspace)
+    if (step && cx_step_) {  // conv + x_proj in one kernel (prepare_inference chose it and sized its workspace)
       bc::conv_xproj_step<S>(be_, batch_, di, K, xz, 2 * di, fw.conv_w, fw.conv_b, state->conv(l), u, di,
                              cw.x_proj_w, X, xdbl, X, cx_part_.data(), cx_count_.data());
     } else {
@@ -916,6 +921,7 @@ class Model {
   bool keep_activations_ = true;          ///< set_keep_activations
   bool fuse_dt_ = true;                   ///< set_step_dt_projection
   bool fuse_cx_ = true;                   ///< set_step_conv_xproj
+  bool cx_step_ = false;                  ///< the current inference shape's step runs conv_xproj_step
   bc::DeviceBuffer<float> cx_part_;       ///< conv_xproj_step's partial sums
   bc::DeviceBuffer<unsigned> cx_count_;   ///< and its counters (zero between launches)
   bool keeping_ = false;                  ///< kept_ holds u and the normed input per layer (training step)
