@@ -9,6 +9,7 @@ set -u
 BIN=${BIN:-build-devslim}
 O=${OUT:-/tmp}
 source "$(dirname "$0")/device_bin_env.sh"
+source "$(dirname "$0")/device_sanitize_persistent.sh"
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
   for t in test_cuda_scan test_cuda_scan_backward test_cuda_scan_bf16 test_cuda_scan_associative test_cuda_layers \
@@ -17,16 +18,7 @@ source "$(dirname "$0")/device_bin_env.sh"
     echo "== $t"; timeout 240 "$BIN/$t" | tail -n 3; echo "rc=${PIPESTATUS[0]}"
   done
   if [[ -x $BIN/test_cuda_model ]]; then
-    echo "== racecheck test_cuda_model [race]"
-    timeout 300 compute-sanitizer --tool racecheck --racecheck-report all --print-limit 100000 \
-      "$BIN/test_cuda_model" "[race]" > "$O/race_model.log" 2>&1
-    echo "rc=$?"; grep -E "RACECHECK SUMMARY|All tests passed|assertions" "$O/race_model.log" | tail -n 3
-    echo "hazard reports by kernel (Read/Write thread lines):"
-    grep -E "(Read|Write) Thread" "$O/race_model.log" | sed -E 's/.* at (void )?//; s/[(<+].*//' | sort | uniq -c | sort -rn | head -n 6
-    echo "persistent_decode_kernel lines: $(grep -E '(Read|Write) Thread' "$O/race_model.log" | grep -c persistent_decode_kernel)"
-    echo "== memcheck test_cuda_model *persistent*"
-    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/test_cuda_model" "*persistent*" > "$O/mem_model.log" 2>&1
-    echo "rc=$?"; tail -n 3 "$O/mem_model.log"
+    sanitize_persistent
   fi
   if [[ -x $BIN/mambabyte ]]; then
     run=$O/cli_run
