@@ -103,6 +103,9 @@ int main(int argc, char** argv) {
   tr->add_flag("--recompute-activations", train.recompute_activations,
                "on a GPU: recompute each layer's conv output and normed input in the backward instead of keeping "
                "them (less memory, a slower step)");
+  tr->add_flag("--keep-scan-states", train.keep_scan_states,
+               "on a GPU: keep every layer's scan states (every 4 steps) from the forward for the backward "
+               "(more memory, a shorter backward; gradients equal to rounding, not bit for bit)");
   (void)steps;
 
   mbcli::NgramCliOptions ngram;

@@ -6,7 +6,9 @@
 //     Counters: bytes/s, MFU = 6 params bytes/s / 790 TFLOP/s (the reference's definition),
 //     peak_GiB = device memory in use after the step minus before the engine existed.
 //     TrainStepRecompute: the same with set_keep_activations(false) (the backward runs each
-//     layer's conv and norm again instead of reading them: less memory, more time).
+//     layer's conv and norm again instead of reading them: less memory, more time);
+//     TrainStepKeepStates: with set_keep_scan_states(true) (the forward scans keep their states
+//     every 4 steps for the backward, which then skips its checkpoint pass: more memory, less time).
 //   - Prefill/<precision>/<batch>/<length>: the stateful forward (logits of every byte).
 //   - Decode/<precision>/<batch>: one graph-replayed decode step (the default path: bf16 batch
 //     <= 8 the persistent kernel of decode_persistent.cuh, else layer by layer); bytes/s = batch /
@@ -75,7 +77,7 @@ void time_loop(benchmark::State& state, backend::Cuda const& be, Fn&& fn) {
   (void)bench::cuda_time_loop(state, be, fn);
 }
 
-template <class S, bool kKeep = true>
+template <class S, bool kKeep = true, bool kStates = false>
 void BM_TrainStep(benchmark::State& state) {
   int const batch = static_cast<int>(state.range(0)), L = static_cast<int>(state.range(1));
   auto const be = make_be();
@@ -83,6 +85,7 @@ void BM_TrainStep(benchmark::State& state) {
   std::size_t const before = used_bytes();
   auto engine = std::make_unique<mcu::CudaStepEngine<S>>(c, be);
   engine->model().set_keep_activations(kKeep);
+  engine->model().set_keep_scan_states(kStates);
   train::AdamW<float> opt(c, train::AdamWOptions{});
   engine->load(host_weights(), opt);
   auto const tokens = random_bytes(static_cast<std::size_t>(batch) * (L + 1), 7);
@@ -153,6 +156,7 @@ void register_all() {
     benchmark::RegisterBenchmark("TrainStep/bf16", BM_TrainStep<mcu::bf16>)->Args({b, l})->UseManualTime()->Iterations(it_train)->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark("TrainStep/fp32", BM_TrainStep<float>)->Args({b, l})->UseManualTime()->Iterations(it_train)->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark("TrainStepRecompute/bf16", BM_TrainStep<mcu::bf16, false>)->Args({b, l})->UseManualTime()->Iterations(it_train)->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("TrainStepKeepStates/bf16", BM_TrainStep<mcu::bf16, true, true>)->Args({b, l})->UseManualTime()->Iterations(it_train)->Unit(benchmark::kMillisecond);
   }
   for (auto [b, l] : prefill) {
     benchmark::RegisterBenchmark("Prefill/bf16", BM_Prefill<mcu::bf16>)->Args({b, l})->UseManualTime()->Iterations(it_pre)->Unit(benchmark::kMillisecond);

@@ -3,12 +3,17 @@
 // with the two floors (HBM bytes at 4.8 TB/s, exponentials at the SFU rate) and the ratio to
 // mamba_ssm 2.3.2's fp32 forward on one H200 (REFERENCE.md section 0).
 //   bench_cuda_scan [--quick] [--reps R] [--shape I] [--policy NAME] [--backward]
-//                   [--bf16 | --dtype bf16|fp32] [--step]
+//                   [--bf16 | --dtype bf16|fp32] [--step] [--train-shapes] [--checkpoints]
 // --backward: time SelectiveScanBackward<Cuda, float, Sequential> instead (same inputs plus
 // dout; writes du, ddelta, dz, dB, dC into x_proj-shaped rows; dA, dD, ddelta_bias accumulated),
 // against mamba_ssm 2.3.2's fp32 backward (REFERENCE.md section 0).
 // --shape I: only the I-th shape (0-based); --policy NAME: only policies whose name starts
 // with NAME (e.g. "chunked<2048>", "seq"); both for profiling one kernel under ncu.
+// --checkpoints: also the forward writing the backward's checkpoints (MixedScanArguments::
+// checkpoints: rows "<policy>+ck") and, with --backward, the backward reading them instead of
+// running its own checkpoint pass (its rows "+ck"; the forward that wrote them runs once first).
+// --train-shapes: the scans of the MambaByte-353M training step instead of the comparison
+// shapes: (4, 2048, 8192, 16) and (1, 2048, 8192, 16) (no mamba_ssm figures for these).
 // --quick: tiny shapes, 2 reps (keeps the program from rotting; ctest label `cuda`).
 // --bf16 (or --dtype bf16): the bf16-storage operators (SelectiveScan[Backward]<Cuda,
 // __nv_bfloat16, P>: u, delta, z, B, C, out and the activation gradients in bf16; A, D, bias,
@@ -282,7 +287,7 @@ struct Ctx {
   std::vector<double> mamba_bwd_ms;
   int warmups = 3, reps = 20, sms = 0, only_shape = -1;
   double sfu_per_s = 0;
-  bool quick = false, backward = false;
+  bool quick = false, backward = false, checkpoints = false;
   std::string only_policy;
 };
 
@@ -325,6 +330,33 @@ void run_shapes(Ctx const& cx) {
       brow(scan::Chunked<2048>{}, "chunked<2048>");
       brow(scan::Chunked<4096>{}, "chunked<4096>");
       brow(scan::Chunked<8192>{}, "chunked<8192>");
+      if (cx.checkpoints) {
+        // the forward's checkpoints (written once by Auto's forward), then the backward reading them
+        namespace mcu = mambabyte::backend::cuda;
+        DeviceBuffer<float> ck(mcu::checkpoint_floats(s.B, s.L, s.D, s.N));
+        mcu::MixedScanArguments<T> fm = mcu::to_mixed(buf.a);
+        fm.checkpoints = ck.data();
+        Cuda const be{};
+        ssm::SelectiveScan<Cuda, T, scan::Auto>::run(fm, be);
+        mcu::MixedScanBackwardArguments<T> gm = mcu::to_mixed(g.a);
+        gm.checkpoints = ck.data();
+        auto brow_ck = [&](auto policy, char const* name) {
+          using P = decltype(policy);
+          if (!want(name)) return;
+          std::size_t ws = 0;
+          double const ms = time_backward<P, T>(gm, cx.warmups, cx.reps, &ws);
+          std::printf("BWD %s (%d,%d,%d,%d) %-14s ms %8.3f floor_mem %.3f floor_exp %.3f x_floor %6.2f "
+                      "mamba_ssm_bwd %.3f speedup %.2f workspace_MB %.1f checkpoints_MB %.1f\n",
+                      dtype, s.B, s.D, s.L, s.N, (std::string(name) + "+ck").c_str(), ms, t_mem, t_exp,
+                      ms / std::max(t_mem, t_exp), mb, mb > 0 ? mb / ms : 0.0, ws / 1e6, ck.size() * 4.0 / 1e6);
+        };
+        brow_ck(scan::Sequential{}, "sequential");
+        brow_ck(scan::Chunked<256>{}, "chunked<256>");
+        brow_ck(scan::Chunked<512>{}, "chunked<512>");
+        brow_ck(scan::Chunked<1024>{}, "chunked<1024>");
+        brow_ck(scan::Chunked<2048>{}, "chunked<2048>");
+        brow_ck(scan::Auto{}, "auto");
+      }
       if (want("auto")) {
         namespace sbd = mambabyte::backend::cuda::scan_bwd_detail;
         int const sc = ssm::resolve_auto_cuda_backward(s.B, s.L, s.D, cx.sms,
@@ -361,6 +393,23 @@ void run_shapes(Ctx const& cx) {
     bench(scan::Chunked<1024>{}, "chunked<1024>");
     bench(scan::Chunked<2048>{}, "chunked<2048>");
     bench(scan::Chunked<4096>{}, "chunked<4096>");
+    if (cx.checkpoints) {
+      namespace mcu = mambabyte::backend::cuda;
+      DeviceBuffer<float> ck(mcu::checkpoint_floats(s.B, s.L, s.D, s.N));
+      mcu::MixedScanArguments<T> fm = mcu::to_mixed(buf.a);
+      fm.checkpoints = ck.data();
+      auto bench_ck = [&](auto policy, char const* name) {
+        using P = decltype(policy);
+        if (!want(name)) return;
+        double f = 1;
+        double const t = time_policy<P, T>(fm, cx.warmups, cx.reps, &f);
+        row((std::string(name) + "+ck").c_str(), t, f);
+      };
+      bench_ck(scan::Sequential{}, "sequential");
+      bench_ck(scan::Chunked<256>{}, "chunked<256>");
+      bench_ck(scan::Chunked<1024>{}, "chunked<1024>");
+      bench_ck(scan::Auto{}, "auto");
+    }
     if (want("auto")) {
       Cuda const be{};
       int const chunk = ssm::SelectiveScan<Cuda, T, scan::Auto>::choose(buf.a, be);
@@ -375,7 +424,7 @@ void run_shapes(Ctx const& cx) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, backward = false, bf16 = false, step = false;
+  bool quick = false, backward = false, bf16 = false, step = false, train_shapes = false, checkpoints = false;
   int reps = 20, only_shape = -1;
   std::string only_policy;
   for (int i = 1; i < argc; ++i) {
@@ -395,6 +444,12 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--shape") && i + 1 < argc) only_shape = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--policy") && i + 1 < argc) only_policy = argv[++i];
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::max(1, std::atoi(argv[++i]));
+    else if (!std::strcmp(argv[i], "--train-shapes")) train_shapes = true;
+    else if (!std::strcmp(argv[i], "--checkpoints")) checkpoints = true;
+    else {
+      std::printf("bench_cuda_scan: unknown or incomplete argument %s\n", argv[i]);
+      return 2;
+    }
   }
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -414,6 +469,7 @@ int main(int argc, char** argv) {
     cx.sfu_per_s = double(cx.sms) * 16.0 * clock_khz * 1e3;  // MUFU.EX2: 16/clk/SM
     cx.quick = quick;
     cx.backward = backward;
+    cx.checkpoints = checkpoints;
     cx.only_shape = only_shape;
     cx.only_policy = only_policy;
     // mamba_ssm 2.3.2 on one H200 (REFERENCE.md section 0): fp32 and bf16 forward / backward ms.
@@ -423,6 +479,10 @@ int main(int argc, char** argv) {
     } else {
       cx.shapes = {{8, 2048, 8192, 16, 4.911}, {1, 2048, 65536, 16, 5.624}, {16, 1536, 2048, 16, 1.733}};
       cx.mamba_bwd_ms = {10.9, 12.6, 4.0};
+    }
+    if (train_shapes) {
+      cx.shapes = {{4, 2048, 8192, 16, 0}, {1, 2048, 8192, 16, 0}};
+      cx.mamba_bwd_ms = {0, 0};
     }
     cx.warmups = 3;
     if (reps <= 1) cx.warmups = 0;

@@ -55,12 +55,13 @@ void check_precision(std::string const& p) {
 
 std::unique_ptr<mambabyte::train::StepEngine<float>> make_cuda_engine(mambabyte::ModelConfig const& config,
                                                                      std::string const& precision, int device,
-                                                                     bool recompute) {
+                                                                     bool recompute, bool keep_scan_states) {
   check_precision(precision);
   auto const be = make_be(device);
   auto make = [&](auto tag) -> std::unique_ptr<mambabyte::train::StepEngine<float>> {
     auto e = std::make_unique<mcu::CudaStepEngine<decltype(tag)>>(config, be);
     e->model().set_keep_activations(!recompute);
+    e->model().set_keep_scan_states(keep_scan_states);
     return e;
   };
   if (precision == "fp32") return make(float{});

@@ -25,10 +25,13 @@ std::string cuda_device_name(int device);
 
 /// A trainer step engine on GPU `device`; precision "bf16" (mixed) or "fp32"; `recompute`:
 /// the backward recomputes each layer's conv output and normed input instead of keeping them
-/// from the forward (less memory, a slower step).
+/// from the forward (less memory, a slower step); `keep_scan_states`: the forward keeps every
+/// layer's scan states for the backward (cuda::Model::set_keep_scan_states: more memory, a
+/// shorter backward).
 std::unique_ptr<mambabyte::train::StepEngine<float>> make_cuda_engine(mambabyte::ModelConfig const& config,
                                                                      std::string const& precision, int device,
-                                                                     bool recompute = false);
+                                                                     bool recompute = false,
+                                                                     bool keep_scan_states = false);
 
 /// Bits per byte of `w` on `data`, computed on GPU `device` in `precision`.
 mambabyte::EvalResult cuda_evaluate(mambabyte::ModelWeights<float> const& w, std::span<std::uint8_t const> data,

@@ -17,7 +17,7 @@ bool cuda_compiled() { return false; }
 int cuda_device_count() { return 0; }
 std::string cuda_device_name(int) { no_cuda(); }
 std::unique_ptr<mambabyte::train::StepEngine<float>> make_cuda_engine(mambabyte::ModelConfig const&,
-                                                                     std::string const&, int, bool) {
+                                                                     std::string const&, int, bool, bool) {
   no_cuda();
 }
 mambabyte::EvalResult cuda_evaluate(mambabyte::ModelWeights<float> const&, std::span<std::uint8_t const>,

@@ -38,6 +38,7 @@ struct TrainCliOptions {
   std::string device = "auto";      ///< auto | cpu | cuda | cuda:N
   std::string precision = "bf16";   ///< on a GPU: bf16 (mixed) or fp32
   bool recompute_activations = false;  ///< on a GPU: recompute conv / norm outputs in the backward
+  bool keep_scan_states = false;       ///< on a GPU: the forward keeps the scan states for the backward
 };
 
 namespace detail {
@@ -129,6 +130,9 @@ int run_train_typed(TrainCliOptions const& o) {
   require(!o.recompute_activations || dev.cuda,
           "--recompute-activations applies to training on a GPU (the CPU step always recomputes them); "
           "this run trains on the CPU");
+  require(!o.keep_scan_states || dev.cuda,
+          "--keep-scan-states applies to training on a GPU (the CPU backward recomputes the scan states); "
+          "this run trains on the CPU");
 
   // data
   ByteCorpus all = ByteCorpus::from_file(o.data);
@@ -191,7 +195,8 @@ int run_train_typed(TrainCliOptions const& o) {
   }
   Trainer<T>& tr = *trainer;
   if (dev.cuda) {
-    if constexpr (std::is_same_v<T, float>) tr.set_engine(make_cuda_engine(tr.weights().config(), o.precision, dev.index, o.recompute_activations));
+    if constexpr (std::is_same_v<T, float>) tr.set_engine(make_cuda_engine(tr.weights().config(), o.precision, dev.index, o.recompute_activations,
+                                                                 o.keep_scan_states));
   }
   if (!o.resume && o.steps == 0 && o.time_limit > 0) {
     // size the schedule to the budget: time a step (twice: the first warms caches), leave

@@ -127,6 +127,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
 fi
 expect "train --recompute-activations on the CPU" nonzero 'recompute-activations applies to training on a GPU' -- \
   "$bin" train -d "$golden/text.txt" --out "$tmp/recompute_cpu" --steps 1 --device cpu --recompute-activations
+expect "train --keep-scan-states on the CPU" nonzero 'keep-scan-states applies to training on a GPU' -- \
+  "$bin" train -d "$golden/text.txt" --out "$tmp/states_cpu" --steps 1 --device cpu --keep-scan-states
 expect "--dtype double --device cuda" nonzero 'CPU only|without the CUDA backend|CUDA device' -- \
   "$bin" eval -m "$golden/hf_default" -d "$golden/text.txt" --dtype double --device cuda
 

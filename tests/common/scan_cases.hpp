@@ -822,17 +822,12 @@ void check_resume(R const& runner, ScanCase const& c, int split, std::uint64_t s
   CHECK(e_h < runner.tol().resume_state);
 }
 
-/// Backward of policy P on the runner's backend vs the CPU double Sequential backward: du,
-/// ddelta, dB, dC, dz, dinitial_state, the recomputed out, dA, dD, ddelta_bias (each requested
-/// one), written outputs overwrite their poison, strided padding and the non-B / C columns of
-/// dB / dC are left alone.
-template <class P, class R>
-void check_backward(R const& runner, ScanCase const& c, std::uint64_t seed) {
-  ScanProblem const p(c, seed, runner.precision(), runner.random_param_grads());
-  INFO(runner.name() << " policy " << policy_name<P>() << " " << c.name() << " seed " << seed);
-  auto const ref = reference_backward(p);
-  auto g = runner.template backward<P>(p);
-  auto const tol = runner.tol();
+/// A backward's outputs vs the oracle's (ref): du, ddelta, dB, dC, dz, dinitial_state, the
+/// recomputed out, dA, dD, ddelta_bias (each requested one) within tol, written outputs overwrite
+/// their poison, strided padding and the non-B / C columns of dB / dC are left alone.
+inline void compare_backward(ScanProblem const& p, BackwardResult g, BackwardResult const& ref,
+                             ScanTolerances const& tol) {
+  auto const& c = p.c;
   bool pad_ok = true;
   auto check = [&](char const* what, std::vector<double> const& x, std::vector<double> const& y, double t) {
     double const e = rel_err(x, y);
@@ -864,6 +859,15 @@ void check_backward(R const& runner, ScanCase const& c, std::uint64_t seed) {
   if (c.D) check("dD", g.dD, ref.dD, tol.bwd_param);
   if (c.bias) check("ddelta_bias", g.dbias, ref.dbias, tol.bwd_param);
   CHECK(pad_ok);
+}
+
+/// Backward of policy P on the runner's backend vs the CPU double Sequential backward
+/// (compare_backward).
+template <class P, class R>
+void check_backward(R const& runner, ScanCase const& c, std::uint64_t seed) {
+  ScanProblem const p(c, seed, runner.precision(), runner.random_param_grads());
+  INFO(runner.name() << " policy " << policy_name<P>() << " " << c.name() << " seed " << seed);
+  compare_backward(p, runner.template backward<P>(p), reference_backward(p), runner.tol());
 }
 
 /// check_resume for every (case, split) of resume_cases() and each policy Ps, the same problem

@@ -172,6 +172,48 @@ struct CudaScanRunner {
             to_host(b.dbias, p.bias.size())};
   }
 
+  /// The forward of policy F writing the backward's checkpoints (MixedScanArguments::
+  /// checkpoints, poisoned with NaN first), then the backward of policy P reading them
+  /// (MixedScanBackwardArguments::checkpoints). Also returns the checkpoints and the forward's
+  /// output (its own buffer: the backward's `out` stays a backward output).
+  struct FromStates {
+    BackwardResult g;
+    std::vector<double> ck, fwd_out;
+  };
+  template <class F, class P>
+  FromStates backward_from_forward_states(ScanProblem const& p) const {
+    namespace mcu = mambabyte::backend::cuda;
+    Cuda be{};
+    DeviceScanBuffers<TS> b(p, true);
+    using Fwd = mambabyte::ssm::SelectiveScan<Cuda, TS, F>;
+    using Bwd = mambabyte::ssm::SelectiveScanBackward<Cuda, TS, P>;
+    std::size_t const X = p.x_size(), S = p.state_size();
+    std::size_t const nck = mcu::checkpoint_floats(p.c.batch, p.c.length, p.c.d_inner, p.c.d_state);
+    auto fout = to_device<TS>(DeviceScanBuffers<TS>::nans(X));
+    auto ck = to_device<float>(DeviceScanBuffers<TS>::nans(nck));
+    auto fa = forward_args<mcu::MixedScanArguments<TS>>(p, b);
+    fa.out = fout.data();
+    fa.final_state = nullptr;
+    fa.checkpoints = ck.data();
+    REQUIRE(Fwd::can_implement(fa) == mambabyte::Status::kSuccess);
+    mcu::DeviceBuffer<std::byte> fws(Fwd::workspace_bytes(fa, be), be);
+    Fwd::run(fa, fws.data(), be);
+    auto ba = backward_args<mcu::MixedScanBackwardArguments<TS>>(p, b);
+    ba.checkpoints = ck.data();
+    REQUIRE(Bwd::can_implement(ba) == mambabyte::Status::kSuccess);
+    mcu::DeviceBuffer<std::byte> bws(Bwd::workspace_bytes(ba, be), be);
+    Bwd::run(ba, bws.data(), be);
+    MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+    MAMBABYTE_CUDA_CHECK(cudaDeviceSynchronize());
+    FromStates r;
+    r.g = {to_host(b.du, X),  to_host(b.ddelta, X), to_host(b.dBC, p.bc_size()), to_host(b.dz, X),
+           to_host(b.dh0, S), to_host(b.out, X),    to_host(b.dA, p.A.size()),   to_host(b.dD, p.D.size()),
+           to_host(b.dbias, p.bias.size())};
+    r.ck = to_host(ck, nck);
+    r.fwd_out = to_host(fout, X);
+    return r;
+  }
+
   /// The backward's workspace for policy P on this problem.
   template <class P>
   std::size_t backward_workspace_bytes(ScanProblem const& p) const {
@@ -231,5 +273,39 @@ struct CudaScanRunner {
     return {to_host(gout, X), to_host(gstate, S, off)};
   }
 };
+
+/// The forward of policy F keeping the scan states for the backward of policy P
+/// (backward_from_forward_states): the forward's output is bitwise the one it writes without
+/// them; every stored state (slot k: the state entering step 4k) agrees with the fp64 oracle's
+/// state after the first 4k steps (reference_forward of that prefix; slot 0 the initial state)
+/// to the forward-state tolerance; the backward from them agrees with the CPU double backward
+/// (compare_backward) exactly as check_backward's does.
+template <class F, class P, class R>
+void check_backward_from_forward_states(R const& runner, ScanCase const& c, std::uint64_t seed) {
+  ScanProblem const p(c, seed, runner.precision(), runner.random_param_grads());
+  INFO(runner.name() << " forward " << policy_name<F>() << " states -> backward " << policy_name<P>() << " "
+                     << c.name() << " seed " << seed);
+  auto r = runner.template backward_from_forward_states<F, P>(p);
+  auto plain = runner.template forward<F>(p);
+  CHECK(same_bits(r.fwd_out, plain.out));
+  int const nck = (c.length + 3) / 4;
+  std::size_t const DN = static_cast<std::size_t>(c.d_inner) * c.d_state;
+  REQUIRE(r.ck.size() == static_cast<std::size_t>(c.batch) * nck * DN);
+  std::vector<int> slots = {0, nck / 2, nck - 1};
+  for (int k : slots) {
+    std::vector<double> want(static_cast<std::size_t>(c.batch) * DN, 0.0), got(want.size());
+    if (k == 0) {
+      if (c.init) want.assign(p.h0.begin(), p.h0.end());
+    } else {
+      want = reference_forward(p.slice(0, 4 * k, nullptr)).hT;
+    }
+    for (int b = 0; b < c.batch; ++b)
+      for (std::size_t i = 0; i < DN; ++i) got[b * DN + i] = r.ck[(static_cast<std::size_t>(b) * nck + k) * DN + i];
+    double const e = rel_err(got, want);
+    INFO("state slot " << k << " (step " << 4 * k << "): rel err " << e);
+    CHECK(e < (k == 0 ? 1e-7 : runner.tol().fwd_state));
+  }
+  compare_backward(p, r.g, reference_backward(p), runner.tol());
+}
 
 }  // namespace mbtest

@@ -97,8 +97,9 @@ struct StepCheck {
   std::string worst;
 };
 
+/// keep_states: the GPU model keeps the scan states from the forward (set_keep_scan_states).
 template <class S, class Policy>
-StepCheck compare_step(ModelConfig const& c, int batch, int L, std::uint64_t seed) {
+StepCheck compare_step(ModelConfig const& c, int batch, int L, std::uint64_t seed, bool keep_states = false) {
   auto const wd = random_weights<double>(c, seed);
   auto const wf = cast_weights<float>(wd);
   auto const wd_exact = cast_weights<double>(wf);  // the CPU sees exactly the GPU's fp32 weights
@@ -114,6 +115,7 @@ StepCheck compare_step(ModelConfig const& c, int batch, int L, std::uint64_t see
   mcu::DeviceWeights<S> w(wf, be);
   mcu::DeviceWeights<float> g(c, be);
   mcu::Model<S, Policy> m(be);
+  m.set_keep_scan_states(keep_states);
   double const loss_gpu = m.forward_backward(w, tokens, batch, g);
   ModelWeights<float> gh(c);
   g.download(gh);
@@ -247,6 +249,81 @@ void check_keep_equals_recompute(int variant, int batch, int L, std::uint64_t se
   CHECK(any);
 }
 }  // namespace
+
+TEST_CASE("cuda model: a step keeping the scan states equals the CPU step in double", "[cuda][model][small]") {
+  // set_keep_scan_states: the forward scans store their states every 4 steps and the scan
+  // backward starts from them; the same bars as the default step against the CPU in double
+  // (Sequential: one segment; Auto at 700 steps: a chunked forward and time segments).
+  REQUIRE_GPU();
+  for (int v = 0; v < 3; ++v) {
+    auto const c = config_variant(v);
+    for (auto [batch, L] : {std::pair{1, 1}, std::pair{2, 37}, std::pair{3, 130}}) {
+      CAPTURE(v, batch, L);
+      auto const r = compare_step<float, scan::Sequential>(c, batch, L, 100 + v, true);
+      CAPTURE(r.worst, r.loss_rel, r.grad_rel);
+      CHECK(r.loss_rel < 2e-6);
+      CHECK(r.grad_rel < 2e-4);
+    }
+    auto const r = compare_step<mcu::bf16, scan::Auto>(c, 2, 64, 200 + v, true);
+    CAPTURE(v, r.worst, r.loss_rel, r.grad_rel);
+    CHECK(r.loss_rel < 1e-2);
+    CHECK(r.grad_rel < 0.1);
+  }
+  auto const b = compare_step<float, scan::Auto>(config_variant(0), 2, 700, 8, true);
+  CAPTURE(b.worst, b.loss_rel, b.grad_rel);
+  CHECK(b.loss_rel < 2e-6);
+  CHECK(b.grad_rel < 2e-4);
+}
+
+TEST_CASE("cuda model: keeping the scan states: the same loss bit for bit, gradients to rounding, deterministic",
+          "[cuda][model][small]") {
+  REQUIRE_GPU();
+  auto check = [](auto tag, int variant, int batch, int L, std::uint64_t seed, double tol) {
+    using S = decltype(tag);
+    auto const c = config_variant(variant);
+    auto const wf = random_weights<float>(c, seed);
+    std::mt19937_64 rng(seed + 1);
+    auto tokens = random_tokens(static_cast<std::size_t>(batch) * (L + 1), 256, rng);
+    auto const be = make_be();
+    mcu::DeviceWeights<S> w(wf, be);
+    mcu::Model<S> m(be);
+    REQUIRE(!m.keep_scan_states());
+    auto run = [&](bool keep) {
+      m.set_keep_scan_states(keep);
+      mcu::DeviceWeights<float> g(c, be);
+      double const loss = m.forward_backward(w, tokens, batch, g);
+      ModelWeights<float> h(c);
+      g.download(h);
+      return std::tuple{loss, h, m.activation_bytes()};
+    };
+    auto const [l0, g0, b0] = run(false);
+    auto const [l1, g1, b1] = run(true);
+    auto const [l2, g2, b2] = run(true);
+    auto const [l3, g3, b3] = run(false);
+    CAPTURE(variant, batch, L);
+    CHECK(l1 == l0);  // the forward writes the same outputs with or without the states
+    CHECK(l2 == l1);
+    double const e = rel_err(g1.flat(), g0.flat());
+    CAPTURE(e);
+    CHECK(e < tol);
+    CHECK(std::equal(g1.flat().begin(), g1.flat().end(), g2.flat().begin()));  // deterministic
+    CHECK(std::equal(g0.flat().begin(), g0.flat().end(), g3.flat().begin()));  // and back
+    // the states: 4 bytes x layers x batch x ceil(L / 4) x d_inner x d_state (each layer's
+    // rounded up to 16 bytes); the same object keeps its larger workspace, so exactly that more
+    std::size_t const per_layer = std::size_t(batch) * ((L + 3) / 4) * c.d_inner() * c.d_state;
+    CHECK(b1 - b0 == std::size_t(4) * c.n_layer * ((per_layer + 3) / 4 * 4));
+    CHECK(b2 == b1);
+    CHECK(b3 == b0);
+  };
+  for (int v = 0; v < 3; ++v) {
+    check(float{}, v, 2, 37, 400 + v, 1e-5);
+    check(mcu::bf16{}, v, 3, 130, 410 + v, 1e-2);
+  }
+  // a policy whose forward does not write the states is refused when asked
+  mcu::Model<float, scan::Associative> assoc(make_be());
+  CHECK_THROWS_WITH(assoc.set_keep_scan_states(true), Catch::Contains("does not write the states"));
+  assoc.set_keep_scan_states(false);
+}
 
 TEST_CASE("cuda model: a step that keeps activations equals one that recomputes them, bitwise", "[cuda][model][small]") {
   REQUIRE_GPU();

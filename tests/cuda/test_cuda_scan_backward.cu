@@ -134,3 +134,66 @@ TEST_CASE("cuda scan backward: argument checks", "[cuda][backward][small]") {
   a.batch = 0;
   CHECK(Op::can_implement(a) == Status::kUnsupported);
 }
+
+TEST_CASE("cuda scan backward: from the forward's states", "[cuda][backward][small]") {
+  // The forward writes the state every 4 steps (MixedScanArguments::checkpoints) and the
+  // backward starts from them (no checkpoint pass of its own): one segment and time segments
+  // (Chunked<16>: 4 chunks of 4 steps; Chunked<20>: 5), chunked forwards (Chunked<8>, Auto),
+  // every option, the general d_state path, several channel blocks and Auto both ways.
+  REQUIRE_GPU();
+  using mbtest::check_backward_from_forward_states;
+  std::uint64_t seed = 900;
+  for (auto const& c : mbtest::backward_mask_cases({1, 7, 8, 9, 33})) {
+    check_backward_from_forward_states<scan::Sequential, scan::Sequential>(Runner{}, c, seed++);
+    if (c.length > 8) {
+      check_backward_from_forward_states<scan::Chunked<8>, scan::Chunked<16>>(Runner{}, c, seed++);
+      check_backward_from_forward_states<scan::Auto, scan::Chunked<20>>(Runner{}, c, seed++);
+    }
+  }
+  for (auto const& c : mbtest::backward_d_state_cases())
+    check_backward_from_forward_states<scan::Chunked<12>, scan::Chunked<8>>(Runner{}, c, seed++);
+}
+
+TEST_CASE("cuda scan backward from the forward's states: model-like sizes", "[cuda][backward]") {
+  REQUIRE_GPU();
+  using mbtest::check_backward_from_forward_states;
+  std::uint64_t seed = 950;
+  mbtest::ScanCase c;
+  c.batch = 2; c.length = 1000; c.d_inner = 200;
+  check_backward_from_forward_states<scan::Auto, scan::Auto>(Runner{}, c, seed++);
+  check_backward_from_forward_states<scan::Chunked<256>, scan::Chunked<64>>(Runner{}, c, seed++);
+  c.batch = 1; c.length = 3001; c.d_inner = 129; c.bc = mbtest::BcLayout::kPlain;
+  check_backward_from_forward_states<scan::Auto, scan::Auto>(Runner{}, c, seed++);  // 11 time segments
+}
+
+TEST_CASE("cuda scan: checkpoints only from forwards that write them, aligned", "[cuda][scan][small]") {
+  namespace mcu = mambabyte::backend::cuda;
+  using Ch6 = ssm::SelectiveScan<Cuda, float, scan::Chunked<6>>;  // chunk boundaries off the 4-step grid
+  using Assoc = ssm::SelectiveScan<Cuda, float, scan::Associative>;
+  using Auto = ssm::SelectiveScan<Cuda, float, scan::Auto>;
+  STATIC_REQUIRE(!Ch6::writes_checkpoints());
+  STATIC_REQUIRE(!Assoc::writes_checkpoints());
+  STATIC_REQUIRE(Auto::writes_checkpoints());
+  STATIC_REQUIRE(ssm::SelectiveScan<Cuda, float, scan::Chunked<8>>::writes_checkpoints());
+  mcu::MixedScanArguments<float> a;
+  a.batch = 1; a.length = 8; a.d_inner = 4; a.d_state = 16;
+  float dummy[4] = {};
+  a.u = a.delta = a.A = a.B = a.C = dummy;
+  a.out = dummy;
+  a.ld_u = a.ld_delta = a.ld_out = 4;
+  a.ld_B = a.ld_C = 16;
+  CHECK(Ch6::can_implement(a) == Status::kSuccess);
+  a.checkpoints = dummy;
+  CHECK(Ch6::can_implement(a) == Status::kUnsupported);
+  CHECK(Assoc::can_implement(a) == Status::kUnsupported);
+  CHECK(Auto::can_implement(a) == Status::kSuccess);
+  CHECK(mcu::checkpoint_floats(3, 9, 5, 16) == std::size_t(3) * 3 * 5 * 16);  // ceil(9 / 4) = 3 slots
+  CHECK(mcu::checkpoint_floats(0, 9, 5, 16) == 0);
+  REQUIRE_GPU();
+  // a misaligned checkpoint buffer is refused with a message, not written
+  mcu::DeviceBuffer<float> u(64), out(64), bc(8 * 32), A(64), ck(8 * 4 * 16 + 1);
+  a.u = a.delta = u.data(); a.out = out.data(); a.A = A.data(); a.B = bc.data(); a.C = bc.data() + 16;
+  a.ld_B = a.ld_C = 32;
+  a.checkpoints = ck.data() + 1;
+  CHECK_THROWS_WITH(Auto::run(a, Cuda{}), Catch::Contains("16-byte aligned"));
+}

@@ -189,3 +189,25 @@ TEST_CASE("bf16 CUDA scan backward: model-like sizes, policies", "[cuda][backwar
   c.batch = 1; c.length = 3001; c.d_inner = 129; c.bc = mbtest::BcLayout::kPlain;
   check_backward<scan::Auto>(Runner{}, c, 3010);  // 3 channel blocks: Auto picks time segments
 }
+
+TEST_CASE("bf16 CUDA scan backward: from the forward's states", "[cuda][backward][bf16][small]") {
+  // As the float test: the forward keeps the state every 4 steps for the backward (bf16
+  // activations, float states), one segment and several, chunked forwards, the general d_state
+  // path, model-like sizes with 16-byte rows.
+  REQUIRE_GPU();
+  using mbtest::check_backward_from_forward_states;
+  std::uint64_t seed = 6000;
+  for (auto const& c : mbtest::backward_mask_cases({1, 7, 33})) {
+    check_backward_from_forward_states<scan::Sequential, scan::Sequential>(Runner{}, c, seed++);
+    if (c.length > 8) check_backward_from_forward_states<scan::Chunked<8>, scan::Chunked<20>>(Runner{}, c, seed++);
+  }
+  for (auto const& c : mbtest::backward_d_state_cases())
+    check_backward_from_forward_states<scan::Chunked<16>, scan::Chunked<8>>(Runner{}, c, seed++);
+}
+
+TEST_CASE("bf16 CUDA scan backward from the forward's states: model-like sizes", "[cuda][backward][bf16]") {
+  REQUIRE_GPU();
+  std::uint64_t seed = 6500;
+  for (auto const& c : mbtest::model_like_cases(true))
+    mbtest::check_backward_from_forward_states<scan::Auto, scan::Auto>(Runner{}, c, seed++);
+}

@@ -25,13 +25,16 @@
  *
  *  With set_keep_activations(true) (the default) the step also keeps each layer's conv output
  *  u and normed input (S), and the backward reads them instead of running the conv and the norm
- *  again.
+ *  again. With set_keep_scan_states(true) (off by default: it is the largest buffer of the step)
+ *  the forward scan of each layer also stores its state every 4 steps, and the scan backward
+ *  starts from those instead of running its own checkpoint pass over the layer.
  *
  *  Activation bytes of a step (M = batch * length, X = dt_rank + 2 d_state, s = sizeof(S)):
  *      4 M (n_layer + 1) d_model + s M n_layer (2 d_inner + X)                    kept
  *    + s M n_layer (d_inner + d_model)            kept u, normed (keep_activations)
  *    + 4 M (d_model + 256) + s M (3 d_model + 8 d_inner + X + 256) + 12 M        scratch
  *      (s M d_inner less with keep_activations: no u scratch)
+ *    + 4 n_layer batch ceil(length / 4) d_inner d_state    scan states (keep_scan_states)
  *    + 8 d_inner d_state + workspace (scan backward, conv/norm/embedding reductions)
  *  activation_bytes() reports what the last step allocated.
  */
@@ -299,6 +302,26 @@ class Model {
     keep_activations_ = keep;
   }
   bool keep_activations() const { return keep_activations_; }
+  /// Keep each layer's scan states every 4 steps from the forward (the forward scan writes them,
+  /// MixedScanArguments::checkpoints) so that the scan backward skips its own checkpoint pass
+  /// (one exponential per state and step over the layer, and the same bytes written and read
+  /// back): 4 n_layer M d_inner d_state / 4 bytes more (53 GiB at 4 x 8192 bytes of the 353M
+  /// model, 13 GiB at 1 x 8192), for a shorter backward (docs/cuda.md). Off by default. The
+  /// gradients agree with the default path to rounding (the states come from the forward's chunked
+  /// scan instead of the backward's segments), not bit for bit; either way a step is
+  /// deterministic. Needs a ScanPolicy whose forward writes checkpoints (Auto, Sequential,
+  /// Chunked<L> with L a multiple of 4). Takes effect at the next training step.
+  void set_keep_scan_states(bool keep) {
+    require(!keep || Scan::writes_checkpoints(),
+            "cuda::Model::set_keep_scan_states: this scan policy's forward does not write the states "
+            "(use scan::Auto, Sequential or Chunked<L> with L a multiple of 4)");
+    if (keep != keep_scan_states_) {
+      states_ = bc::DeviceBuffer<float>();
+      ++generation_;
+    }
+    keep_scan_states_ = keep;
+  }
+  bool keep_scan_states() const { return keep_scan_states_; }
   double read_loss() {
     double v = 0;
     loss_dev_.copy_to_host(&v, 1, be_.stream);
@@ -311,7 +334,7 @@ class Model {
            ddt_.size_bytes() + dxz_.size_bytes() + dxdbl_.size_bytes() + logits_.size_bytes() +
            dlogits_.size_bytes() + row_loss_.size_bytes() + dres_.size_bytes() + A_.size_bytes() +
            dA_.size_bytes() + in_.size_bytes() + tgt_.size_bytes() + ws_.size_bytes() + ones_.size_bytes() +
-           xpart_.size_bytes() + words_.size_bytes();
+           xpart_.size_bytes() + words_.size_bytes() + states_.size_bytes();
   }
 
   // ---- inference ----------------------------------------------------------------------------
@@ -528,6 +551,12 @@ class Model {
   S* u_at(int l) { return keeping_ ? xz_at(l) + round64(M_ * (2 * di_ + X_)) : u_.data(); }
   S* normed_at(int l) { return keeping_ ? u_at(l) + round64(M_ * di_) : normed_.data(); }
   float* r_at(int l) { return r_.data() + static_cast<std::size_t>(l) * M_ * dm_; }
+  /// Floats of one layer's scan states (keep_scan_states), rounded up to 16-byte multiples.
+  std::size_t states_stride() const { return (bc::checkpoint_floats(batch_, L_, di_, N_) + 3) / 4 * 4; }
+  /// Layer l's scan states from the forward for the backward, or null (not kept).
+  float* states_at(int l) {
+    return keeping_states_ ? states_.data() + static_cast<std::size_t>(l) * states_stride() : nullptr;
+  }
 
   /// backward: a gradient step (loss() alone keeps nothing extra for a backward).
   void prepare_training(ModelConfig const& c, std::span<std::int32_t const> tokens, int batch, bool backward) {
@@ -553,6 +582,7 @@ class Model {
     counted_ = M_;
     std::size_t const M = M_, dm = dm_, di = di_, X = X_;
     keeping_ = keep_activations_ && backward;
+    keeping_states_ = keep_scan_states_ && backward;
     after_training_ = true;
     fit_common(nl_, nl_ + 1);
     fit(dh_, M * dm);
@@ -564,6 +594,7 @@ class Model {
     fit(dlogits_, M * kClasses);
     fit(dres_, M * dm);
     fit(dA_, di * N_);
+    if (keeping_states_) fit(states_, static_cast<std::size_t>(nl_) * states_stride());
     fit(ws_, workspace_bytes(true));
     in_.copy_from_host(in.data(), M, be_.stream);
     tgt_.copy_from_host(tgt.data(), M, be_.stream);
@@ -574,6 +605,7 @@ class Model {
     set_dims(c, batch, length);
     if (after_training_) {  // a training step sized the scratch (and u_ may be unallocated): fit it again
       keeping_ = false;
+      keeping_states_ = false;
       after_training_ = false;
       same = false;
     }
@@ -610,8 +642,8 @@ class Model {
     }
   }
 
-  typename Scan::Arguments scan_args(WeightViews<float> const& fw, int l, S const* xz, S const* xdbl, S const* u) {
-    typename Scan::Arguments sa{};
+  bc::MixedScanArguments<S> scan_args(WeightViews<float> const& fw, int l, S const* xz, S const* xdbl, S const* u) {
+    bc::MixedScanArguments<S> sa{};
     sa.batch = batch_; sa.length = L_; sa.d_inner = di_; sa.d_state = N_;
     sa.u = u; sa.ld_u = di_;
     sa.delta = dt_.data(); sa.ld_delta = di_;
@@ -626,13 +658,15 @@ class Model {
   }
 
   std::size_t workspace_bytes(bool training) const {
-    typename Scan::Arguments sa{};
+    bc::MixedScanArguments<S> sa{};
     sa.batch = batch_; sa.length = L_; sa.d_inner = di_; sa.d_state = N_;
     std::size_t ws = Scan::workspace_bytes(sa, be_);
     if (training) {
-      typename ScanBackward::Arguments ba{};
+      bc::MixedScanBackwardArguments<S> ba{};
       ba.batch = batch_; ba.length = L_; ba.d_inner = di_; ba.d_state = N_;
       ba.delta_softplus = true;
+      // with the forward's states the backward needs no checkpoint workspace (only presence matters)
+      if (keeping_states_) ba.checkpoints = reinterpret_cast<float const*>(this);
       ba.z = reinterpret_cast<S const*>(this);  // only presence matters for the size
       ba.D = reinterpret_cast<float const*>(this);
       ba.delta_bias = reinterpret_cast<float const*>(this);
@@ -697,6 +731,7 @@ class Model {
     } else {
       compute_A(fw.A_log);
       auto sa = scan_args(w.master(), l, xz, xdbl, u);
+      if (!state) sa.checkpoints = states_at(l);  // a training step keeping the scan states
       if (state) {  // separate in and out buffers: chunks of one launch read the first and write the second
         sa.initial_state = state->ssm(l);
         sa.final_state = h_end_.data();
@@ -859,8 +894,9 @@ class Model {
     if (gl.out_proj_b) bc::linear_backward_bias<S>(blas_, be_, M, dm, dh_.data(), dm, ones_.data(), gl.out_proj_b);
     // the scan (recomputes y into y_)
     MAMBABYTE_CUDA_CHECK(cudaMemsetAsync(dA_.data(), 0, std::size_t(di) * N_ * sizeof(float), be_.stream));
-    typename ScanBackward::Arguments ba{};
+    bc::MixedScanBackwardArguments<S> ba{};
     ba.batch = batch_; ba.length = L_; ba.d_inner = di; ba.d_state = N_;
+    ba.checkpoints = states_at(l);  // the forward's (keep_scan_states), else the backward's own pass
     ba.u = u; ba.ld_u = di;
     ba.delta = dt_.data(); ba.ld_delta = di;
     ba.delta_bias = fw.dt_proj_b; ba.delta_softplus = true;
@@ -919,6 +955,9 @@ class Model {
   int graph_batch_ = 0;
   std::uint64_t generation_ = 0, graph_generation_ = 0;
   bool keep_activations_ = true;          ///< set_keep_activations
+  bool keep_scan_states_ = false;         ///< set_keep_scan_states
+  bool keeping_states_ = false;           ///< states_ holds every layer's scan states (training step)
+  bc::DeviceBuffer<float> states_;        ///< per layer: the forward scan's states every 4 steps
   bool fuse_dt_ = true;                   ///< set_step_dt_projection
   bool fuse_cx_ = true;                   ///< set_step_conv_xproj
   bool cx_step_ = false;                  ///< the current inference shape's step runs conv_xproj_step

@@ -96,7 +96,24 @@ struct MixedScanArguments {
   TS* out = nullptr;              std::int64_t ld_out = 0;    ///< (batch, length, d_inner)
   float const* initial_state = nullptr;                       ///< (batch, d_inner, d_state) or null
   float* final_state = nullptr;                               ///< (batch, d_inner, d_state) or null
+  /// Optional output for a later backward (MixedScanBackwardArguments::checkpoints, which then
+  /// skips its own forward sweep): the state entering every kCheckpointInterval-th step
+  /// (t = 0, 4, 8, ...; slot 0 is the initial state), [batch][ceil(length / 4)][d_inner][d_state]
+  /// floats, states innermost (checkpoint_floats()). Written by the Sequential, Auto and
+  /// Chunked<L> (L a multiple of 4) scans; Associative does not take it. Null: not written.
+  float* checkpoints = nullptr;
 };
+
+/// Steps between the scan states a forward stores for the backward (MixedScanArguments::
+/// checkpoints); the backward's recompute chunk is the same length.
+inline constexpr int kCheckpointInterval = 4;
+
+/// Floats of MixedScanArguments::checkpoints (and MixedScanBackwardArguments::checkpoints).
+inline std::size_t checkpoint_floats(int batch, int length, int d_inner, int d_state) {
+  if (batch <= 0 || length <= 0) return 0;
+  return static_cast<std::size_t>(batch) * ((length + kCheckpointInterval - 1) / kCheckpointInterval) *
+         static_cast<std::size_t>(d_inner) * d_state;
+}
 
 /// The checks of ssm::validate(SelectiveScanArguments) for the mixed arguments.
 template <class TS>
@@ -183,7 +200,10 @@ struct StateView {
   std::int64_t sb = 0, sc = 0, sd = 0, sn = 0;
 };
 
-enum class Mode { kReduce, kWrite };
+/// scan_chunk's pass: kReduce (chunk end states from zero), kWrite (outputs), kWriteCk (outputs
+/// and the backward's checkpoints: a separate instantiation, so that the plain write pass keeps
+/// its registers).
+enum class Mode { kReduce, kWrite, kWriteCk };
 
 template <class TS = float>
 struct ScanParams {
@@ -193,6 +213,7 @@ struct ScanParams {
   StateView h_in;       ///< kWrite: carried-in state per chunk (null: zero)
   StateView h_out;      ///< kReduce: end state of every chunk; kWrite: of the last chunk only
   float* dsum = nullptr;  ///< kReduce: sum of deltas, [(b*n_chunks + c)*d_inner + d]
+  float* ck = nullptr;    ///< kWrite: a.checkpoints (null: none), [(b*ceil(L/4) + t/4)*d_inner + d]*d_state + n
   bool vec_x = false;   ///< bf16: u, delta, z rows 16-byte aligned (cp.async of 8 channels)
   bool vec_bc = false;  ///< bf16: B, C rows 16-byte aligned (cp.async of 8 states)
 };
@@ -310,6 +331,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
   constexpr bool kFloat = std::is_same_v<TS, float>;
   constexpr int kNT = kN / kSplit;  // states per thread
   constexpr int kBlock = kThreads * kSplit;
+  constexpr bool kWrites = kMode != Mode::kReduce;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int kStages = kScanStages<TS>;
   auto* stages = reinterpret_cast<Stage<kN, TS>*>(smem_raw);
@@ -339,7 +361,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
     A2[i] = (n0 + i < N) ? a.A[static_cast<std::int64_t>(dc) * N + n0 + i] * kLog2e : 0.f;
     h[i] = 0.f;
   }
-  if constexpr (kMode == Mode::kWrite) {
+  if constexpr (kWrites) {
     if (active && p.h_in.p) {
       float const* src = p.h_in.p + b * p.h_in.sb + c * p.h_in.sc + d * p.h_in.sd;
 #pragma unroll
@@ -351,6 +373,27 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
   float const Dd = a.D ? a.D[dc] : 0.f;
   bool const has_z = a.z != nullptr;
   float dsum = 0.f;
+
+  // kWrite with checkpoints: the state entering step t (t a multiple of kCheckpointInterval)
+  // into slot t / kCheckpointInterval of this thread's channel (its kNT states contiguous).
+  [[maybe_unused]] float* const ckw =
+      (kMode == Mode::kWriteCk && active)
+          ? p.ck + (static_cast<std::int64_t>(b) * ((a.length + kCheckpointInterval - 1) / kCheckpointInterval) *
+                        a.d_inner + d) * N + n0
+          : nullptr;
+  [[maybe_unused]] std::int64_t const ck_step = static_cast<std::int64_t>(a.d_inner) * N;
+  auto store_checkpoint = [&](int t) {
+    float* dst = ckw + static_cast<std::int64_t>(t / kCheckpointInterval) * ck_step;
+    if constexpr (kExact && kNT % 4 == 0) {
+#pragma unroll
+      for (int q = 0; q < kNT / 4; ++q)
+        reinterpret_cast<float4*>(dst)[q] = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kNT; ++i)
+        if (n0 + i < N) dst[i] = h[i];
+    }
+  };
 
   // Issues the copies of the tile starting at time t into stage s: the block's threads walk
   // the (step, channel) columns so that each warp reads consecutive channels of one row.
@@ -367,7 +410,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
         for (int k = tid / kThreads; k < nt; k += kSplit) {
           __pipeline_memcpy_async(&st.u[k][col], a.u + (row + k) * a.ld_u + dl, sizeof(float));
           __pipeline_memcpy_async(&st.dt[k][col], a.delta + (row + k) * a.ld_delta + dl, sizeof(float));
-          if (kMode == Mode::kWrite && has_z)
+          if (kWrites && has_z)
             __pipeline_memcpy_async(&st.z[k][col], a.z + (row + k) * a.ld_z + dl, sizeof(float));
         }
       } else if constexpr (kExact) {
@@ -377,7 +420,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
           st.z[k][col] = 0.f;
         }
       }
-      int const per_row = (kMode == Mode::kWrite) ? 2 * N : N;  // kReduce needs no C
+      int const per_row = (kWrites) ? 2 * N : N;  // kReduce needs no C
       for (int i = tid; i < nt * per_row; i += kBlock) {
         int const k = i / per_row, j = i - k * per_row;
         std::int64_t const row = row0 + t + k;
@@ -398,7 +441,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
             int const bytes = valid * static_cast<int>(sizeof(TS));
             cp_async16(&st.u[k][8 * g], a.u + row * a.ld_u + dl, bytes);
             cp_async16(&st.dt[k][8 * g], a.delta + row * a.ld_delta + dl, bytes);
-            if (kMode == Mode::kWrite && has_z) cp_async16(&st.z[k][8 * g], a.z + row * a.ld_z + dl, bytes);
+            if (kWrites && has_z) cp_async16(&st.z[k][8 * g], a.z + row * a.ld_z + dl, bytes);
           } else if constexpr (kExact) {
             uint4 const zero = make_uint4(0u, 0u, 0u, 0u);
             *reinterpret_cast<uint4*>(&st.u[k][8 * g]) = zero;
@@ -415,7 +458,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
           for (int k = tid / kThreads; k < nt; k += kSplit) {
             st.u[k][col] = a.u[(row + k) * a.ld_u + dl];
             st.dt[k][col] = a.delta[(row + k) * a.ld_delta + dl];
-            if (kMode == Mode::kWrite && has_z) st.z[k][col] = a.z[(row + k) * a.ld_z + dl];
+            if (kWrites && has_z) st.z[k][col] = a.z[(row + k) * a.ld_z + dl];
           }
         } else if constexpr (kExact) {
           TS const zero = from_f<TS>(0.f);
@@ -427,7 +470,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
         }
       }
       // bf16, B / C rows: groups of 8 states per cp.async when aligned (ragged tail zero-filled).
-      int const halves = (kMode == Mode::kWrite) ? 2 : 1;  // kReduce needs no C
+      int const halves = (kWrites) ? 2 : 1;  // kReduce needs no C
       if (p.vec_bc) {
         int const gN = (N + 7) / 8;
         int const per_row = halves * gN;
@@ -469,6 +512,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
     constexpr bool kGuarded = decltype(guarded)::value;
     constexpr int kH = kSplit == 1 ? kTileT : kTileT / 2;  // halves for the 80-register kernel
     static_assert(kSplit == 1 || kSplit == 2, "one or two threads per channel");
+    static_assert(kH % kCheckpointInterval == 0, "a checkpoint step is h0 + k with k % 4 == 0");
     int const nt = min(kTileT, t1 - t);
 #pragma unroll 1
     for (int h0 = 0; h0 < kTileT; h0 += kH) {
@@ -508,6 +552,9 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
 #pragma unroll
       for (int k = 0; k < kH; ++k) {
         if (!kGuarded || h0 + k < nt) {
+          // the tile starts on a checkpoint step (chunks are multiples of 4 when ck is set)
+          if constexpr (kMode == Mode::kWriteCk)
+            if (k % kCheckpointInterval == 0 && ckw) store_checkpoint(t + h0 + k);  // k unrolled: folds
           float const du = dtv[k] * uv[k];
           float y0 = 0.f, y1 = 0.f;
           // B_t, C_t: the same for every thread (broadcast), read 16 bytes at a time.
@@ -521,7 +568,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
               int const i = 4 * q + j;
               h[i] = fmaf(ex2_approx(dtv[k] * A2[i]), h[i], du * Bq[j]);
             }
-            if constexpr (kMode == Mode::kWrite) {
+            if constexpr (kWrites) {
               float4 const C4 = bc4[kN / 4 + q];
               y0 = fmaf(h[4 * q + 0], C4.x, y0);
               y1 = fmaf(h[4 * q + 1], C4.y, y1);
@@ -533,7 +580,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
           if constexpr (kMode == Mode::kReduce) dsum += dtv[k];
         }
       }
-      if constexpr (kMode == Mode::kWrite) {
+      if constexpr (kWrites) {
         if constexpr (kSplit == 1) {
           TS* po = a.out + (row0 + t + h0) * a.ld_out + d;
 #pragma unroll
@@ -574,6 +621,8 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
   auto tile_general = [&](Stage<kN, TS> const& st, int t, int nt) {
 #pragma unroll 2
     for (int k = 0; k < nt; ++k) {
+      if constexpr (kMode == Mode::kWriteCk)
+        if (ckw && (t + k) % kCheckpointInterval == 0) store_checkpoint(t + k);
       float const* bck = bc_row(st, k);
       float dt = to_f(st.dt[k][ch]) + bias;
       if (a.delta_softplus) dt = softplus_fma(dt);
@@ -584,13 +633,13 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
       for (int n = 0; n < kNT; ++n) {
         if (n < N) {
           h[n] = fmaf(ex2_approx(dt * A2[n]), h[n], du * bck[n]);
-          if constexpr (kMode == Mode::kWrite) {
+          if constexpr (kWrites) {
             if (n & 1) y1 = fmaf(h[n], bck[kN + n], y1);
             else y0 = fmaf(h[n], bck[kN + n], y0);
           }
         }
       }
-      if constexpr (kMode == Mode::kWrite) {
+      if constexpr (kWrites) {
         float y = y0 + y1 + Dd * u;
         if (has_z) {
           float const zz = to_f(st.z[k][ch]);
@@ -625,7 +674,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
       // copy in program order before; __syncwarp orders the lanes' writes before the reads).
       int const lane = tid & 31;
       if constexpr (kExact) {
-        constexpr int W = (kMode == Mode::kWrite) ? 2 * kN : kN;  // kReduce needs no C
+        constexpr int W = (kWrites) ? 2 * kN : kN;  // kReduce needs no C
         constexpr int G = W / 8;                                   // 8-element groups per row
         for (int i = lane; i < nt * G; i += 32) {
           int const k = i / G, j = (i % G) * 8;
@@ -642,7 +691,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
           dst[1] = make_float4(f[4], f[5], f[6], f[7]);
         }
       } else {
-        int const per_row = (kMode == Mode::kWrite) ? 2 * N : N;
+        int const per_row = (kWrites) ? 2 * N : N;
         for (int i = lane; i < nt * per_row; i += 32) {
           int const k = i / per_row, j = i - k * per_row;
           int const cj = j < N ? j : kN + (j - N);
@@ -769,6 +818,12 @@ void run_impl(MixedScanArguments<TS> const& a, int chunk_len, void* ws, bool spl
           " or chunk count ", n_chunks, " exceeds the grid limit 65535 (use longer chunks)");
   ScanParams<TS> p;
   p.a = a;
+  p.ck = a.checkpoints;
+  require(!a.checkpoints || reinterpret_cast<std::uintptr_t>(a.checkpoints) % 16 == 0,
+          "selective scan (CUDA): checkpoints must be 16-byte aligned");
+  require(!a.checkpoints || n_chunks <= 1 || chunk_len % kCheckpointInterval == 0,
+          "selective scan (CUDA): checkpoints need a chunk length that is a multiple of ", kCheckpointInterval,
+          " (got ", chunk_len, ")");
   if constexpr (!std::is_same_v<TS, float>) {
     p.vec_x = rows_aligned16(a.u, a.ld_u) && rows_aligned16(a.delta, a.ld_delta) &&
               rows_aligned16(a.z, a.ld_z);
@@ -785,11 +840,13 @@ void run_impl(MixedScanArguments<TS> const& a, int chunk_len, void* ws, bool spl
     dim3 const grid(blocks_d, 1, a.batch);
     if constexpr (kExact) {
       if (split_single) {
-        launch_scan<kN, kExact, kSplitSequential, Mode::kWrite>(p, grid, stream);
+        if (p.ck) launch_scan<kN, kExact, kSplitSequential, Mode::kWriteCk>(p, grid, stream);
+        else launch_scan<kN, kExact, kSplitSequential, Mode::kWrite>(p, grid, stream);
         return;
       }
     }
-    launch_scan<kN, kExact, 1, Mode::kWrite>(p, grid, stream);
+    if (p.ck) launch_scan<kN, kExact, 1, Mode::kWriteCk>(p, grid, stream);
+    else launch_scan<kN, kExact, 1, Mode::kWrite>(p, grid, stream);
     return;
   }
   require(ws != nullptr, "selective scan (CUDA, chunked): null workspace");
@@ -813,7 +870,8 @@ void run_impl(MixedScanArguments<TS> const& a, int chunk_len, void* ws, bool spl
   p.n_chunks = n_chunks;
   p.h_in = StateView{slots.p, slots.sb, m * DN, slots.sd, slots.sn};  // chunk c enters at sub-chunk c m
   p.h_out = fin;
-  launch_scan<kN, kExact, 1, Mode::kWrite>(p, dim3(blocks_d, n_chunks, a.batch), stream);
+  if (p.ck) launch_scan<kN, kExact, 1, Mode::kWriteCk>(p, dim3(blocks_d, n_chunks, a.batch), stream);
+  else launch_scan<kN, kExact, 1, Mode::kWrite>(p, dim3(blocks_d, n_chunks, a.batch), stream);
 }
 
 /// Runs the scan for float or bf16 storage (MixedScanArguments<float> is the float scan).
@@ -863,6 +921,18 @@ template <class TS>
 using ArgumentsFor = std::conditional_t<std::is_same_v<TS, float>, ssm::SelectiveScanArguments<float>,
                                         MixedScanArguments<TS>>;
 
+/// What the CUDA SelectiveScan<Cuda, TS, *> run / workspace_bytes / can_implement take: their
+/// Arguments, and for float also MixedScanArguments<float> (the same fields plus checkpoints).
+template <class A, class TS>
+concept ScanArgsFor = std::is_same_v<A, ArgumentsFor<TS>> || std::is_same_v<A, MixedScanArguments<TS>>;
+
+/// Whether a's checkpoints output is set (the ssm struct has none).
+template <class A>
+bool wants_checkpoints(A const& a) {
+  if constexpr (requires { a.checkpoints; }) return a.checkpoints != nullptr;
+  else return false;
+}
+
 }  // namespace mambabyte::backend::cuda::scan_detail
 
 namespace mambabyte::ssm {
@@ -907,20 +977,32 @@ inline int resolve_auto_reduce_split(int batch, int length, int d_inner, int chu
 template <class Derived, class TS = float>
 struct CudaSelectiveScanBase {
   using Arguments = backend::cuda::scan_detail::ArgumentsFor<TS>;
-  static Status can_implement(Arguments const& a) {
+  /// Whether Derived's forward writes MixedScanArguments::checkpoints (its kWritesCheckpoints;
+  /// a policy that does not say does not).
+  static constexpr bool writes_checkpoints() {
+    if constexpr (requires { Derived::kWritesCheckpoints; }) return Derived::kWritesCheckpoints;
+    else return false;
+  }
+  template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
+  static Status can_implement(A const& a) {
     Status const st = validate(a);
     if (st != Status::kSuccess) return st;
     if (a.d_state > backend::cuda::scan_detail::kMaxState) return Status::kUnsupported;
+    if (backend::cuda::scan_detail::wants_checkpoints(a) && !writes_checkpoints()) return Status::kUnsupported;
     return Status::kSuccess;
   }
-  static void check(Arguments const& a) {
+  template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
+  static void check(A const& a) {
     Status const st = can_implement(a);
     require(st == Status::kSuccess, "selective scan (CUDA): cannot run (", to_string(st),
             ") batch=", a.batch, " length=", a.length, " d_inner=", a.d_inner,
-            " d_state=", a.d_state);
+            " d_state=", a.d_state, backend::cuda::scan_detail::wants_checkpoints(a) && !writes_checkpoints()
+                                        ? " (this policy does not write checkpoints)"
+                                        : "");
   }
   /// Run with an internally allocated workspace (cudaMalloc; synchronises the stream).
-  static void run(Arguments const& a, backend::Cuda const& be) {
+  template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
+  static void run(A const& a, backend::Cuda const& be) {
     std::size_t const bytes = Derived::workspace_bytes(a, be);
     backend::cuda::DeviceBuffer<std::byte> ws(bytes, be);
     Derived::run(a, ws.data(), be);
@@ -935,8 +1017,11 @@ struct SelectiveScan<backend::Cuda, TS, scan::Sequential,
   using Base = CudaSelectiveScanBase<SelectiveScan, TS>;
   using typename Base::Arguments;
   using Base::run;
-  static std::size_t workspace_bytes(Arguments const&, backend::Cuda const&) { return 0; }
-  static void run(Arguments const& a, void*, backend::Cuda const& be) {
+  static constexpr bool kWritesCheckpoints = true;
+  template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
+  static std::size_t workspace_bytes(A const&, backend::Cuda const&) { return 0; }
+  template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
+  static void run(A const& a, void*, backend::Cuda const& be) {
     Base::check(a);
     if (a.batch == 0 || a.length == 0) return;
     backend::cuda::scan_detail::run(backend::cuda::to_mixed(a), a.length, nullptr,
@@ -951,11 +1036,14 @@ struct SelectiveScan<backend::Cuda, TS, scan::Chunked<ChunkLen>,
   using Base = CudaSelectiveScanBase<SelectiveScan, TS>;
   using typename Base::Arguments;
   using Base::run;
-  static std::size_t workspace_bytes(Arguments const& a, backend::Cuda const&) {
+  static constexpr bool kWritesCheckpoints = ChunkLen % backend::cuda::kCheckpointInterval == 0;
+  template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
+  static std::size_t workspace_bytes(A const& a, backend::Cuda const&) {
     return backend::cuda::scan_detail::chunked_workspace_bytes(a.batch, a.length, a.d_inner,
                                                                a.d_state, ChunkLen);
   }
-  static void run(Arguments const& a, void* ws, backend::Cuda const& be) {
+  template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
+  static void run(A const& a, void* ws, backend::Cuda const& be) {
     Base::check(a);
     if (a.batch == 0 || a.length == 0) return;
     backend::cuda::scan_detail::run(backend::cuda::to_mixed(a), ChunkLen, ws,
@@ -971,11 +1059,13 @@ struct SelectiveScan<backend::Cuda, TS, scan::Auto, std::enable_if_t<backend::cu
   using Base = CudaSelectiveScanBase<SelectiveScan, TS>;
   using typename Base::Arguments;
   using Base::run;
+  static constexpr bool kWritesCheckpoints = true;  // its chunks are multiples of 64 steps
   /// Auto's choice for these arguments: chunk length (0: Sequential) and reduce split.
   struct Plan {
     int chunk = 0, split = 1;
   };
-  static Plan plan(Arguments const& a, backend::Cuda const& be) {
+  template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
+  static Plan plan(A const& a, backend::Cuda const& be) {
     if (a.batch <= 0 || a.length <= 0) return {};
     namespace sd = backend::cuda::scan_detail;
     int const wave = sd::sm_count(be.device) * sd::chunk_blocks_per_sm<TS>(a.d_state, be.device);
@@ -985,14 +1075,17 @@ struct SelectiveScan<backend::Cuda, TS, scan::Auto, std::enable_if_t<backend::cu
     return p;
   }
   /// Chunk length Auto uses for these arguments (0: Sequential).
-  static int choose(Arguments const& a, backend::Cuda const& be) { return plan(a, be).chunk; }
-  static std::size_t workspace_bytes(Arguments const& a, backend::Cuda const& be) {
+  template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
+  static int choose(A const& a, backend::Cuda const& be) { return plan(a, be).chunk; }
+  template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
+  static std::size_t workspace_bytes(A const& a, backend::Cuda const& be) {
     Plan const p = plan(a, be);
     return p.chunk == 0 ? 0
                         : backend::cuda::scan_detail::chunked_workspace_bytes(a.batch, a.length, a.d_inner,
                                                                               a.d_state, p.chunk, p.split);
   }
-  static void run(Arguments const& a, void* ws, backend::Cuda const& be) {
+  template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
+  static void run(A const& a, void* ws, backend::Cuda const& be) {
     Base::check(a);
     if (a.batch == 0 || a.length == 0) return;
     Plan const p = plan(a, be);

@@ -340,8 +340,11 @@ struct SelectiveScan<backend::Cuda, TS, scan::Associative,
   using Base = CudaSelectiveScanBase<SelectiveScan, TS>;
   using typename Base::Arguments;
   using Base::run;
-  static std::size_t workspace_bytes(Arguments const&, backend::Cuda const&) { return 0; }
-  static void run(Arguments const& a, void*, backend::Cuda const& be) {
+  static constexpr bool kWritesCheckpoints = false;  // the backward's checkpoints: not written here
+  template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
+  static std::size_t workspace_bytes(A const&, backend::Cuda const&) { return 0; }
+  template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
+  static void run(A const& a, void*, backend::Cuda const& be) {
     Base::check(a);
     if (a.batch == 0 || a.length == 0) return;
     backend::cuda::scan_assoc_detail::run(backend::cuda::to_mixed(a), be);
@@ -355,7 +358,8 @@ struct SelectiveScanBackward<backend::Cuda, TS, scan::Associative,
                              std::enable_if_t<backend::cuda::is_scan_storage_v<TS>>>
     : CudaSelectiveScanBackwardBase<SelectiveScanBackward<backend::Cuda, TS, scan::Associative>, TS> {
   using Arguments = backend::cuda::scan_bwd_detail::BackwardArgumentsFor<TS>;
-  static int seg_chunks(Arguments const& a, backend::Cuda const& be) {
+  template <class A>
+  static int seg_chunks(A const& a, backend::Cuda const& be) {
     return SelectiveScanBackward<backend::Cuda, TS,
                                  scan::Chunked<backend::cuda::scan_assoc_detail::kAssociativeBackwardSegment>>::
         seg_chunks(a, be);

@@ -94,6 +94,12 @@ struct MixedScanBackwardArguments {
   float const* D = nullptr;                                   ///< (d_inner) or null
   TS const* z = nullptr;          std::int64_t ld_z = 0;      ///< (batch, length, d_inner) or null
   float const* initial_state = nullptr;                       ///< (batch, d_inner, d_state) or null
+  /// Optional: the states the forward stored for this backward (MixedScanArguments::checkpoints
+  /// of the same inputs, [batch][ceil(length / 4)][d_inner][d_state]). Given, the backward
+  /// starts from them and skips its own forward sweep (the checkpoint pass: one exponential per
+  /// state and step, and 4 bytes per state every 4 steps written and read back); null: it
+  /// recomputes them.
+  float const* checkpoints = nullptr;
   // ---- incoming gradients ----
   TS const* dout = nullptr;       std::int64_t ld_dout = 0;   ///< dL/dout (batch, length, d_inner)
   float const* dfinal_state = nullptr;                        ///< (batch, d_inner, d_state) or null
@@ -122,6 +128,7 @@ struct MixedScanBackwardArguments {
     a.D = f.D;
     a.z = f.z; a.ld_z = f.ld_z;
     a.initial_state = f.initial_state;
+    a.checkpoints = f.checkpoints;
     return a;
   }
 
@@ -206,6 +213,7 @@ inline constexpr int kBwdCh = 64;                         ///< channels per bloc
 inline constexpr int kBwdThreads = kBwdCh * kBwdSplit;    ///< threads per block (4 warps)
 inline constexpr int kBwdWarps = kBwdThreads / 32;
 inline constexpr int kBwdChunk = 4;                       ///< checkpoint interval = recompute chunk (steps)
+static_assert(kBwdChunk == kCheckpointInterval, "the forward's checkpoints are the backward's");
 inline constexpr int kBwdTile = 2 * kBwdChunk;            ///< steps per staged tile
 inline constexpr int kBwdMaxState = 32;                   ///< largest d_state supported
 /// Occupancy bounds given to ptxas (resident blocks per SM): the local pass needs few
@@ -233,6 +241,10 @@ struct BwdParams {
   bool vec_x = false;      ///< u, delta, dout, z rows 16-byte aligned: 16-byte cp.async
   bool vec_bc = false;     ///< B, C rows 16-byte aligned: 16-byte cp.async
   bool vec_out = false;    ///< dz, out, du, ddelta rows aligned to kBwdGroup elements: vector stores
+  /// ck holds the forward's checkpoints (a.checkpoints: true states, not segment-local): no
+  /// forward sweep in bwd_local, no entering-state correction in bwd_scan, and the adjoint
+  /// blocks sum their segment's deltas for the carry.
+  bool given_ck = false;
 };
 
 inline int state_cap(int d_state) { return d_state <= 16 ? 16 : 32; }
@@ -640,8 +652,10 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
   int const N = kExact ? kN : a.d_state;
   int const tid = threadIdx.x, ch = tid / kBwdSplit, sub = tid % kBwdSplit, n0 = sub * kNT;
   int const d = blockIdx.x * kBwdCh + ch;
-  bool const adjoint = static_cast<int>(blockIdx.y) >= p.n_seg;  // block-uniform
-  int const sg = adjoint ? static_cast<int>(blockIdx.y) - p.n_seg + 1 : static_cast<int>(blockIdx.y);
+  // with the forward's checkpoints only the adjoint blocks are launched
+  int const y = static_cast<int>(blockIdx.y) + (p.given_ck ? p.n_seg : 0);
+  bool const adjoint = y >= p.n_seg;  // block-uniform
+  int const sg = adjoint ? y - p.n_seg + 1 : y;
   int const b = blockIdx.z;
   bool const active = d < a.d_inner;
   int const dc = active ? d : a.d_inner - 1;
@@ -665,6 +679,9 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
   }
   if (adjoint) {
     // ---- adjoint from a zero carry, backwards over the segment ----
+    // (with the forward's checkpoints there are no forward blocks: these also sum the
+    // segment's deltas, which the carry across segments needs)
+    float asum = 0.f;
     auto adj_tile = [&](int nt, auto guarded) {
       constexpr bool kG = decltype(guarded)::value;
 #pragma unroll
@@ -674,6 +691,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
           float const dy = sm.ck.dy[k][ch];
           each_state<kNT>(&sm.ck.bc[k][kN + n0],
                           [&](int i, float C) { h[i] = ex2_approx(dt * A2[i]) * fmaf(C, dy, h[i]); });
+          asum += dt;
         }
       }
     };
@@ -690,6 +708,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
 #pragma unroll
       for (int i = 0; i < kNT; ++i)
         if (n0 + i < N) p.Qs[slot + static_cast<std::int64_t>(n0 + i) * a.d_inner] = h[i];
+      if (p.given_ck && sub == 0) p.dsum[(static_cast<std::int64_t>(b) * p.n_seg + sg) * a.d_inner + d] = asum;
     }
     return;
   }
@@ -787,7 +806,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? kScanMinBlocks :
     int const col = blockIdx.x * kBwdCh + tid;
     sm.ck.bias[tid] = (a.delta_bias && col < a.d_inner) ? a.delta_bias[col] : 0.f;
   }
-  bool const corr = sg > 0;  // segment 0's checkpoints hold the true states
+  bool const corr = sg > 0 && !p.given_ck;  // segment 0's (or the forward's) checkpoints hold the true states
 
   // G: adjoint carry; Hs: the state entering the segment (added to each checkpoint, decayed)
   float A2[kNT], G[kNT], dA[kNT];
@@ -1091,9 +1110,10 @@ MAMBABYTE_KERNEL void __launch_bounds__(128) bwd_seg_carry(BwdParams<TS> const p
   float const A2 = a.A[static_cast<std::int64_t>(d) * N + n] * kLog2e;
   std::int64_t const base = static_cast<std::int64_t>(b) * S;
   float const* const dsum = p.dsum + base * a.d_inner + d;  // segment sg at dsum[sg * d_inner]
-  // Forward: Hs[sg] (local end state from zero, none for the last) -> state entering sg.
+  // Forward: Hs[sg] (local end state from zero, none for the last) -> state entering sg (not
+  // needed with the forward's checkpoints).
   float run = 0.f;
-  for (int s0 = 0; s0 < S; s0 += kSegBatch) {
+  for (int s0 = 0; s0 < (p.given_ck ? 0 : S); s0 += kSegBatch) {
     float loc[kSegBatch], dec[kSegBatch];
 #pragma unroll
     for (int j = 0; j < kSegBatch; ++j) {
@@ -1119,7 +1139,8 @@ MAMBABYTE_KERNEL void __launch_bounds__(128) bwd_seg_carry(BwdParams<TS> const p
     for (int j = 0; j < kSegBatch; ++j) {
       int const sg = s1 - j;
       loc[j] = sg > 0 ? p.Qs[(base + sg) * sN + i] : 0.f;
-      dec[j] = sg >= 0 ? dsum[static_cast<std::int64_t>(sg) * a.d_inner] : 0.f;
+      // (segment 0's sum decays nothing that is used; with the forward's checkpoints no block wrote it)
+      dec[j] = sg > 0 ? dsum[static_cast<std::int64_t>(sg) * a.d_inner] : 0.f;
     }
 #pragma unroll
     for (int j = 0; j < kSegBatch; ++j) {
@@ -1159,8 +1180,9 @@ WorkspaceLayout layout(Args const& a, int seg_chunks) {
   std::size_t const nc = (static_cast<std::size_t>(a.length) + kBwdChunk - 1) / kBwdChunk;
   std::size_t const blocks_d = (static_cast<std::size_t>(a.d_inner) + kBwdCh - 1) / kBwdCh;
   std::size_t const ns = static_cast<std::size_t>(segment_count(a.length, seg_chunks));
-  w.ck = static_cast<std::size_t>(a.batch) * nc * a.d_state * a.d_inner;
-  if (ns > 1) w.cum = static_cast<std::size_t>(a.batch) * nc * a.d_inner;
+  bool const given = a.checkpoints != nullptr;  // the forward's: no checkpoint pass, no delta sums per chunk
+  w.ck = given ? 0 : static_cast<std::size_t>(a.batch) * nc * a.d_state * a.d_inner;
+  if (ns > 1 && !given) w.cum = static_cast<std::size_t>(a.batch) * nc * a.d_inner;
   w.bc = blocks_d * a.batch * static_cast<std::size_t>(a.length) * 2 * state_cap(a.d_state);
   w.par = static_cast<std::size_t>(a.batch) * ns * a.d_inner * (a.d_state + 2);
   if (ns > 1) w.seg = static_cast<std::size_t>(a.batch) * ns * a.d_inner * (2 * a.d_state + 1);
@@ -1207,9 +1229,12 @@ template <int kN, bool kExact, class TS>
 void run_impl(BwdParams<TS>& p, cudaStream_t stream) {
   auto const& a = p.a;
   dim3 const grid(p.blocks_d, p.n_seg, a.batch);
-  dim3 const local_grid(p.blocks_d, 2 * p.n_seg - 1, a.batch);  // forward sweeps, then adjoint sweeps of segments > 0
-  prepare_local_kernel<kN, kExact, TS>()<<<local_grid, kBwdThreads, sizeof(BwdLocalSmem<kN, TS>), stream>>>(p);
-  MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+  // forward sweeps (none with the forward's checkpoints), then adjoint sweeps of segments > 0
+  dim3 const local_grid(p.blocks_d, p.given_ck ? p.n_seg - 1 : 2 * p.n_seg - 1, a.batch);
+  if (local_grid.y > 0) {
+    prepare_local_kernel<kN, kExact, TS>()<<<local_grid, kBwdThreads, sizeof(BwdLocalSmem<kN, TS>), stream>>>(p);
+    MAMBABYTE_CUDA_CHECK(cudaGetLastError());
+  }
   if (p.n_seg > 1) {
     std::int64_t const sN = static_cast<std::int64_t>(a.d_inner) * a.d_state;
     kernel::bwd_seg_carry<TS><<<dim3(static_cast<unsigned>((sN + 127) / 128), 1, a.batch), 128, 0, stream>>>(p);
@@ -1241,13 +1266,16 @@ void run(MixedScanBackwardArguments<TS> const& a, int seg_chunks, void* ws, Cuda
   }
   require(ws != nullptr, "selective scan backward (CUDA): null workspace");
   require(a.batch <= 65535, "selective scan backward (CUDA): batch ", a.batch, " exceeds 65535");
+  require(!a.checkpoints || reinterpret_cast<std::uintptr_t>(a.checkpoints) % 16 == 0,
+          "selective scan backward (CUDA): checkpoints must be 16-byte aligned");
   WorkspaceLayout const w = layout(a, seg_chunks);
   BwdParams<TS> p;
   p.a = a;
   p.n_chunks = (a.length + kBwdChunk - 1) / kBwdChunk;
   p.blocks_d = (a.d_inner + kBwdCh - 1) / kBwdCh;
-  p.ck = static_cast<float*>(ws);
-  p.cum = p.ck + w.ck;
+  p.given_ck = a.checkpoints != nullptr;
+  p.ck = p.given_ck ? const_cast<float*>(a.checkpoints) : static_cast<float*>(ws);  // bwd_scan only reads given ones
+  p.cum = static_cast<float*>(ws) + w.ck;
   p.bc = p.cum + w.cum;
   p.par = p.bc + w.bc;
   p.n_seg = segment_count(a.length, seg_chunks);
@@ -1258,9 +1286,8 @@ void run(MixedScanBackwardArguments<TS> const& a, int seg_chunks, void* ws, Cuda
     p.Hs = p.par + w.par;
     p.Qs = p.Hs + S;
     p.dsum = p.Qs + S;
-  } else {
-    p.cum = nullptr;
   }
+  if (p.n_seg <= 1 || p.given_ck) p.cum = nullptr;
   p.vec_x = rows_aligned16(a.u, a.ld_u) && rows_aligned16(a.delta, a.ld_delta) &&
             rows_aligned16(a.dout, a.ld_dout) && rows_aligned16(a.z, a.ld_z);
   p.vec_bc = rows_aligned16(a.B, a.ld_B) && rows_aligned16(a.C, a.ld_C);
@@ -1285,6 +1312,12 @@ template <class TS>
 using BackwardArgumentsFor =
     std::conditional_t<std::is_same_v<TS, float>, ssm::SelectiveScanBackwardArguments<float>,
                        MixedScanBackwardArguments<TS>>;
+
+/// What the CUDA SelectiveScanBackward<Cuda, TS, *> take: their Arguments, and for float also
+/// MixedScanBackwardArguments<float> (the same fields plus the forward's checkpoints).
+template <class A, class TS>
+concept BackwardArgsFor =
+    std::is_same_v<A, BackwardArgumentsFor<TS>> || std::is_same_v<A, MixedScanBackwardArguments<TS>>;
 
 }  // namespace mambabyte::backend::cuda::scan_bwd_detail
 
@@ -1330,26 +1363,31 @@ inline int resolve_auto_cuda_backward(int batch, int length, int d_inner, int sm
 template <class Derived, class TS = float>
 struct CudaSelectiveScanBackwardBase {
   using Arguments = backend::cuda::scan_bwd_detail::BackwardArgumentsFor<TS>;
-  static Status can_implement(Arguments const& a) {
+  template <backend::cuda::scan_bwd_detail::BackwardArgsFor<TS> A>
+  static Status can_implement(A const& a) {
     Status const st = validate(a);
     if (st != Status::kSuccess) return st;
     if (a.d_state > backend::cuda::scan_bwd_detail::kBwdMaxState) return Status::kUnsupported;
     return Status::kSuccess;
   }
-  static void check(Arguments const& a) {
+  template <backend::cuda::scan_bwd_detail::BackwardArgsFor<TS> A>
+  static void check(A const& a) {
     Status const st = can_implement(a);
     require(st == Status::kSuccess, "selective scan backward (CUDA): cannot run (", to_string(st),
             ") batch=", a.batch, " length=", a.length, " d_inner=", a.d_inner, " d_state=", a.d_state);
   }
-  static std::size_t workspace_bytes(Arguments const& a, backend::Cuda const& be) {
-    return backend::cuda::scan_bwd_detail::layout(a, Derived::seg_chunks(a, be)).bytes();
+  template <backend::cuda::scan_bwd_detail::BackwardArgsFor<TS> A>
+  static std::size_t workspace_bytes(A const& a, backend::Cuda const& be) {
+    return backend::cuda::scan_bwd_detail::layout(backend::cuda::to_mixed(a), Derived::seg_chunks(a, be)).bytes();
   }
-  static void run(Arguments const& a, void* ws, backend::Cuda const& be) {
+  template <backend::cuda::scan_bwd_detail::BackwardArgsFor<TS> A>
+  static void run(A const& a, void* ws, backend::Cuda const& be) {
     check(a);
     backend::cuda::scan_bwd_detail::run(backend::cuda::to_mixed(a), Derived::seg_chunks(a, be), ws, be);
   }
   /// Run with an internally allocated workspace (cudaMalloc; synchronises the stream).
-  static void run(Arguments const& a, backend::Cuda const& be) {
+  template <backend::cuda::scan_bwd_detail::BackwardArgsFor<TS> A>
+  static void run(A const& a, backend::Cuda const& be) {
     check(a);
     backend::cuda::DeviceBuffer<std::byte> ws(workspace_bytes(a, be), be);
     run(a, ws.data(), be);
@@ -1363,7 +1401,8 @@ struct SelectiveScanBackward<backend::Cuda, TS, scan::Sequential,
                              std::enable_if_t<backend::cuda::is_scan_storage_v<TS>>>
     : CudaSelectiveScanBackwardBase<SelectiveScanBackward<backend::Cuda, TS, scan::Sequential>, TS> {
   using Arguments = backend::cuda::scan_bwd_detail::BackwardArgumentsFor<TS>;
-  static int seg_chunks(Arguments const&, backend::Cuda const&) { return 0; }
+  template <class A>
+  static int seg_chunks(A const&, backend::Cuda const&) { return 0; }
 };
 
 /// Chunked<L>: time segments of L steps (rounded up to a multiple of kBwdChunk = 4), time-parallel.
@@ -1372,7 +1411,8 @@ struct SelectiveScanBackward<backend::Cuda, TS, scan::Chunked<ChunkLen>,
                              std::enable_if_t<backend::cuda::is_scan_storage_v<TS>>>
     : CudaSelectiveScanBackwardBase<SelectiveScanBackward<backend::Cuda, TS, scan::Chunked<ChunkLen>>, TS> {
   using Arguments = backend::cuda::scan_bwd_detail::BackwardArgumentsFor<TS>;
-  static int seg_chunks(Arguments const&, backend::Cuda const&) {
+  template <class A>
+  static int seg_chunks(A const&, backend::Cuda const&) {
     constexpr int K = backend::cuda::scan_bwd_detail::kBwdChunk;
     return (ChunkLen + K - 1) / K;
   }
@@ -1384,7 +1424,8 @@ struct SelectiveScanBackward<backend::Cuda, TS, scan::Auto,
                              std::enable_if_t<backend::cuda::is_scan_storage_v<TS>>>
     : CudaSelectiveScanBackwardBase<SelectiveScanBackward<backend::Cuda, TS, scan::Auto>, TS> {
   using Arguments = backend::cuda::scan_bwd_detail::BackwardArgumentsFor<TS>;
-  static int seg_chunks(Arguments const& a, backend::Cuda const& be) {
+  template <class A>
+  static int seg_chunks(A const& a, backend::Cuda const& be) {
     if (a.batch <= 0 || a.length <= 0) return 0;
     namespace sd = backend::cuda::scan_bwd_detail;
     return resolve_auto_cuda_backward(a.batch, a.length, a.d_inner,
