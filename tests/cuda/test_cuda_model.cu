@@ -309,7 +309,8 @@ TEST_CASE("cuda model: keeping the scan states: the same loss bit for bit, gradi
     CHECK(std::equal(g1.flat().begin(), g1.flat().end(), g2.flat().begin()));  // deterministic
     CHECK(std::equal(g0.flat().begin(), g0.flat().end(), g3.flat().begin()));  // and back
     // the states: 4 bytes x layers x batch x ceil(L / 4) x d_inner x d_state (each layer's
-    // rounded up to 16 bytes); the same object keeps its larger workspace, so exactly that more
+    // rounded up to 16 bytes). Exactly that more because this object's workspace, sized by the
+    // first (stateless) step, never shrinks (fit only grows buffers): the order of the runs matters
     std::size_t const per_layer = std::size_t(batch) * ((L + 3) / 4) * c.d_inner() * c.d_state;
     CHECK(b1 - b0 == std::size_t(4) * c.n_layer * ((per_layer + 3) / 4 * 4));
     CHECK(b2 == b1);
@@ -319,6 +320,9 @@ TEST_CASE("cuda model: keeping the scan states: the same loss bit for bit, gradi
     check(float{}, v, 2, 37, 400 + v, 1e-5);
     check(mcu::bf16{}, v, 3, 130, 410 + v, 1e-2);
   }
+  // long enough for a chunked forward and time segments in the backward (Auto)
+  check(float{}, 0, 2, 700, 420, 1e-5);
+  check(mcu::bf16{}, 2, 1, 1030, 421, 1e-2);
   // a policy whose forward does not write the states is refused when asked
   mcu::Model<float, scan::Associative> assoc(make_be());
   CHECK_THROWS_WITH(assoc.set_keep_scan_states(true), Catch::Contains("does not write the states"));

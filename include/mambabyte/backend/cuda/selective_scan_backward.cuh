@@ -30,16 +30,24 @@
  *      Full chunks run unguarded straight-line code.
  *   3. kernel::bwd_reduce_bc: dB / dC rows = the channel blocks' partials summed in block order.
  *   4. kernel::bwd_reduce_params: dA, dD, ddelta_bias += the per-(batch, segment) partials, in order.
+ *  Given the forward's states (MixedScanBackwardArguments::checkpoints: the forward scan wrote
+ *  the state entering every 4th step, MixedScanArguments::checkpoints), bwd_scan reads them in
+ *  place of ck (true states: no entering-state correction), bwd_local runs only the adjoint
+ *  blocks of segments > 0 (which then also sum their segments' deltas for the carry),
+ *  bwd_seg_carry only the adjoint carry, and the workspace has no checkpoint or delta-sum part:
+ *  2 exponentials per state-step with one segment, ~3 with segments.
  *  No atomics: results are bitwise deterministic for a given device, shape and policy.
  *  Exponentials per state-step: 3 with one segment (checkpoint pass, recompute, reverse sweep),
  *  ~4.5 with segments (plus the local adjoint of every segment but the first). The scan pass is
  *  bound by shared memory (Nsight Compute: L1 / shared 85% busy, the MUFU pipe ~20%), so it
  *  evaluates a_t in both of its sweeps rather than passing it through shared memory.
  *
- *  Workspace (floats; S = segments): batch x ceil(L/4) x d_inner x d_state (checkpoints)
+ *  Workspace (floats; S = segments): batch x ceil(L/4) x d_inner x d_state (checkpoints; not
+ *  with the forward's states)
  *    + ceil(d_inner/64) x batch x L x 2 kN (dB / dC partials; kN = 16 for d_state <= 16, else 32)
  *    + batch x S x d_inner x (d_state + 2) (parameter partials)
- *    + (S > 1) batch x ceil(L/4) x d_inner (delta sums) + batch x S x d_inner x (2 d_state + 1)
+ *    + (S > 1, not with the forward's states) batch x ceil(L/4) x d_inner (delta sums)
+ *    + (S > 1) batch x S x d_inner x (2 d_state + 1)
  *    (segment states, carries, delta sums).
  *  About 2.6 GB at (8, 2048, 8192, 16). d_state <= 32 (16: exact fast path); more: kUnsupported.
  *
