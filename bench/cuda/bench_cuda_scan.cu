@@ -12,6 +12,7 @@
 // --checkpoints: also the forward writing the backward's checkpoints (MixedScanArguments::
 // checkpoints: rows "<policy>+ck") and, with --backward, the backward reading them instead of
 // running its own checkpoint pass (its rows "+ck"; the forward that wrote them runs once first).
+// --shapes B:D:L:N[,B:D:L:N...]: these shapes instead (no mamba_ssm figures; for sweeps).
 // --train-shapes: the scans of the MambaByte-353M training step instead of the comparison
 // shapes: (4, 2048, 8192, 16) and (1, 2048, 8192, 16) (no mamba_ssm figures for these).
 // --quick: tiny shapes, 2 reps (keeps the program from rotting; ctest label `cuda`).
@@ -425,6 +426,7 @@ void run_shapes(Ctx const& cx) {
 
 int main(int argc, char** argv) {
   bool quick = false, backward = false, bf16 = false, step = false, train_shapes = false, checkpoints = false;
+  std::string shape_list;
   int reps = 20, only_shape = -1;
   std::string only_policy;
   for (int i = 1; i < argc; ++i) {
@@ -446,6 +448,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::max(1, std::atoi(argv[++i]));
     else if (!std::strcmp(argv[i], "--train-shapes")) train_shapes = true;
     else if (!std::strcmp(argv[i], "--checkpoints")) checkpoints = true;
+    else if (!std::strcmp(argv[i], "--shapes") && i + 1 < argc) shape_list = argv[++i];
     else {
       std::printf("bench_cuda_scan: unknown or incomplete argument %s\n", argv[i]);
       return 2;
@@ -483,6 +486,23 @@ int main(int argc, char** argv) {
     if (train_shapes) {
       cx.shapes = {{4, 2048, 8192, 16, 0}, {1, 2048, 8192, 16, 0}};
       cx.mamba_bwd_ms = {0, 0};
+    }
+    if (!shape_list.empty()) {
+      cx.shapes.clear();
+      std::size_t pos = 0;
+      while (pos <= shape_list.size()) {
+        std::size_t const end = std::min(shape_list.find(',', pos), shape_list.size());
+        Shape sh{0, 0, 0, 0, 0};
+        if (std::sscanf(shape_list.substr(pos, end - pos).c_str(), "%d:%d:%d:%d", &sh.B, &sh.D, &sh.L, &sh.N) != 4 ||
+            sh.B <= 0 || sh.D <= 0 || sh.L <= 0 || sh.N <= 0) {
+          std::printf("bench_cuda_scan: bad --shapes entry \"%s\" (B:D:L:N, positive)\n",
+                      shape_list.substr(pos, end - pos).c_str());
+          return 2;
+        }
+        cx.shapes.push_back(sh);
+        pos = end + 1;
+      }
+      cx.mamba_bwd_ms.assign(cx.shapes.size(), 0.0);
     }
     cx.warmups = 3;
     if (reps <= 1) cx.warmups = 0;

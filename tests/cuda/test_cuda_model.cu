@@ -126,44 +126,41 @@ StepCheck compare_step(ModelConfig const& c, int batch, int L, std::uint64_t see
   return r;
 }
 
-}  // namespace
-
-TEST_CASE("cuda model: fp32 training step equals the CPU step in double", "[cuda][model][small]") {
-  REQUIRE_GPU();
-  for (int v = 0; v < 3; ++v) {
-    auto const c = config_variant(v);
-    for (auto [batch, L] : {std::pair{1, 1}, std::pair{2, 37}, std::pair{3, 130}}) {
-      CAPTURE(v, batch, L);
-      auto const r = compare_step<float, scan::Sequential>(c, batch, L, 100 + v);
-      CAPTURE(r.worst, r.loss_rel, r.grad_rel);
-      CHECK(r.loss_rel < 2e-6);
-      CHECK(r.grad_rel < 2e-4);
-    }
-  }
+/// An fp32 step (policy P) against the CPU in double: loss within 2e-6, every tensor within 2e-4.
+template <class P>
+void check_fp32_step(ModelConfig const& c, int batch, int L, std::uint64_t seed, bool keep_states) {
+  auto const r = compare_step<float, P>(c, batch, L, seed, keep_states);
+  CAPTURE(batch, L, keep_states, r.worst, r.loss_rel, r.grad_rel);
+  CHECK(r.loss_rel < 2e-6);
+  CHECK(r.grad_rel < 2e-4);
 }
 
-TEST_CASE("cuda model: fp32 training step in every scan policy", "[cuda][model]") {
-  REQUIRE_GPU();
-  auto const c = config_variant(0);
-  auto const a = compare_step<float, scan::Chunked<16>>(c, 2, 100, 7);
-  CAPTURE(a.worst, a.loss_rel, a.grad_rel);
-  CHECK(a.loss_rel < 2e-6);
-  CHECK(a.grad_rel < 2e-4);
-  auto const b = compare_step<float, scan::Auto>(c, 2, 700, 8);
-  CAPTURE(b.worst, b.loss_rel, b.grad_rel);
-  CHECK(b.loss_rel < 2e-6);
-  CHECK(b.grad_rel < 2e-4);
-}
-
-TEST_CASE("cuda model: bf16 mixed-precision step is close to the CPU step in double", "[cuda][model][small]") {
-  REQUIRE_GPU();
+/// The fp32 step (Sequential) of every config variant at (1, 1), (2, 37), (3, 130), and the
+/// bf16 step (Auto) at (2, 64), against the CPU in double.
+void check_steps_against_cpu(bool keep_states) {
   for (int v = 0; v < 3; ++v) {
     CAPTURE(v);
-    auto const r = compare_step<mcu::bf16, scan::Auto>(config_variant(v), 2, 64, 200 + v);
+    auto const c = config_variant(v);
+    for (auto [batch, L] : {std::pair{1, 1}, std::pair{2, 37}, std::pair{3, 130}})
+      check_fp32_step<scan::Sequential>(c, batch, L, 100 + v, keep_states);
+    auto const r = compare_step<mcu::bf16, scan::Auto>(c, 2, 64, 200 + v, keep_states);
     CAPTURE(r.worst, r.loss_rel, r.grad_rel);
     CHECK(r.loss_rel < 1e-2);
     CHECK(r.grad_rel < 0.1);  // bf16 activations: ~3 significant digits per operator
   }
+}
+
+}  // namespace
+
+TEST_CASE("cuda model: fp32 and bf16 training steps equal the CPU step in double", "[cuda][model][small]") {
+  REQUIRE_GPU();
+  check_steps_against_cpu(false);
+}
+
+TEST_CASE("cuda model: fp32 training step in every scan policy", "[cuda][model]") {
+  REQUIRE_GPU();
+  check_fp32_step<scan::Chunked<16>>(config_variant(0), 2, 100, 7, false);
+  check_fp32_step<scan::Auto>(config_variant(0), 2, 700, 8, false);
 }
 
 TEST_CASE("cuda model: gradients accumulate, are scaled, and are bitwise reproducible", "[cuda][model]") {
@@ -255,24 +252,8 @@ TEST_CASE("cuda model: a step keeping the scan states equals the CPU step in dou
   // backward starts from them; the same bars as the default step against the CPU in double
   // (Sequential: one segment; Auto at 700 steps: a chunked forward and time segments).
   REQUIRE_GPU();
-  for (int v = 0; v < 3; ++v) {
-    auto const c = config_variant(v);
-    for (auto [batch, L] : {std::pair{1, 1}, std::pair{2, 37}, std::pair{3, 130}}) {
-      CAPTURE(v, batch, L);
-      auto const r = compare_step<float, scan::Sequential>(c, batch, L, 100 + v, true);
-      CAPTURE(r.worst, r.loss_rel, r.grad_rel);
-      CHECK(r.loss_rel < 2e-6);
-      CHECK(r.grad_rel < 2e-4);
-    }
-    auto const r = compare_step<mcu::bf16, scan::Auto>(c, 2, 64, 200 + v, true);
-    CAPTURE(v, r.worst, r.loss_rel, r.grad_rel);
-    CHECK(r.loss_rel < 1e-2);
-    CHECK(r.grad_rel < 0.1);
-  }
-  auto const b = compare_step<float, scan::Auto>(config_variant(0), 2, 700, 8, true);
-  CAPTURE(b.worst, b.loss_rel, b.grad_rel);
-  CHECK(b.loss_rel < 2e-6);
-  CHECK(b.grad_rel < 2e-4);
+  check_steps_against_cpu(true);
+  check_fp32_step<scan::Auto>(config_variant(0), 2, 700, 8, true);
 }
 
 TEST_CASE("cuda model: keeping the scan states: the same loss bit for bit, gradients to rounding, deterministic",

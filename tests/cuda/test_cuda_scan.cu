@@ -108,16 +108,20 @@ TEST_CASE("CUDA scan argument checks and the Auto rule", "[cuda][scan][small]") 
   a.ld_u = 7;
   CHECK(Op::can_implement(a) == Status::kInvalidArgument);
   CHECK_THROWS_AS(Op::run(a, nullptr, Cuda{}), mambabyte::Error);
-  // Auto (wave = 132 SMs x 3 blocks): one chunk when the channel blocks fill the wave, else
-  // floor(wave / blocks) chunks, multiples of 64 steps, at least 256.
-  CHECK(ssm::resolve_auto_cuda(64, 2048, 2048, 396) == 0);
-  CHECK(ssm::resolve_auto_cuda(8, 8192, 2048, 396) == 2752);    // 3 chunks
-  CHECK(ssm::resolve_auto_cuda(16, 2048, 1536, 396) == 1024);   // 2 chunks
-  CHECK(ssm::resolve_auto_cuda(1, 100, 2048, 396) == 0);        // too short
-  CHECK(ssm::resolve_auto_cuda(1, 1000, 64, 396) == 256);       // chunks at least 256 long
-  int const chunk = ssm::resolve_auto_cuda(1, 65536, 2048, 396);
-  CHECK(chunk % 64 == 0);
-  CHECK(chunk >= 256);
+  // Auto (wave = 132 SMs x 4 blocks): one chunk when the channel blocks fill more than 2/5 of
+  // the wave, 256-step chunks when the wave would need 8 chunks or more, else floor(wave /
+  // blocks) chunks, multiples of 64 steps, at least 256 (the points of run 117).
+  CHECK(ssm::resolve_auto_cuda(64, 2048, 2048, 528) == 0);      // 1024 blocks: more than a wave
+  CHECK(ssm::resolve_auto_cuda(16, 8192, 2048, 528) == 0);      // 256 blocks > 2/5 of 528
+  CHECK(ssm::auto_split_single(16, 2048, 528));                 // ... with two threads per channel
+  CHECK(!ssm::auto_split_single(64, 2048, 528));
+  CHECK(ssm::resolve_auto_cuda(16, 2048, 1536, 528) == 1024);   // 192 blocks: 2 chunks
+  CHECK(ssm::resolve_auto_cuda(8, 8192, 2048, 528) == 2048);    // 128 blocks: 4 chunks
+  CHECK(ssm::resolve_auto_cuda(8, 8192, 2048, 396) == 2752);    // (3 chunks of a smaller wave)
+  CHECK(ssm::resolve_auto_cuda(4, 8192, 2048, 528) == 256);     // 64 blocks: 8 chunks -> 256 steps
+  CHECK(ssm::resolve_auto_cuda(1, 65536, 2048, 528) == 256);
+  CHECK(ssm::resolve_auto_cuda(1, 100, 2048, 528) == 0);        // too short
+  CHECK(ssm::resolve_auto_cuda(1, 1000, 64, 528) == 256);       // chunks at least 256 long
   // The reduce split (wave 528 = 132 SMs x 4): only when the reduce pass's blocks fill at most
   // half the wave, as many sub-chunks as fit, each whole tiles and >= 256 steps.
   CHECK(ssm::resolve_auto_reduce_split(16, 2048, 1536, 1024, 528) == 2);  // 192 reduce blocks

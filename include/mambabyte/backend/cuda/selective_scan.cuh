@@ -25,8 +25,10 @@
  *    each chunk's carried-in state (decay of a chunk = exp(A sum delta)); phase 3 (kWrite)
  *    rescans every chunk from its carried-in state and writes the outputs. About 1.9x the
  *    exponentials of Sequential, but batch x channel-blocks x chunks blocks.
- *  - Auto: resolve_auto_cuda() below: chunks to fill one wave of resident blocks, one chunk
- *    when the channel blocks fill it already (docs/cuda.md has the measurements).
+ *  - Auto: resolve_auto_cuda() below: one chunk when the channel blocks fill more than 2/5 of
+ *    a wave of resident blocks (two threads per channel while they do not fill it), the
+ *    shortest chunks when a wave would need 8 or more, else chunks to fill one wave
+ *    (docs/cuda.md has the measurements).
  *
  *  d_state up to 64 (an exact 16-state fast path and a general one for d_state <= 64); larger
  *  d_state: can_implement() says kUnsupported. Launches are asynchronous on be.stream; the
@@ -282,6 +284,23 @@ __device__ __forceinline__ float silu_gate_fma(float y, float z) {
   return y * z * r;
 }
 
+/// A thread's kNT states h into dst (states n0 .. n0 + kNT - 1 of a channel's contiguous row):
+/// as float4 vectors when kVec (kNT a multiple of 4, dst 16-byte aligned), else one by one up
+/// to state N. The forward's states for the backward and the backward's own checkpoints.
+template <bool kVec, int kNT>
+__device__ __forceinline__ void store_states(float* dst, float const (&h)[kNT], int n0, int N) {
+  if constexpr (kVec) {
+    static_assert(kNT % 4 == 0, "float4 groups");
+#pragma unroll
+    for (int q = 0; q < kNT / 4; ++q)
+      reinterpret_cast<float4*>(dst)[q] = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kNT; ++i)
+      if (n0 + i < N) dst[i] = h[i];
+  }
+}
+
 /// Shared memory of one stage: u, delta, z columns (kTileT x kThreads) and B, C rows, in the
 /// storage type TS (bf16: rows of 2 kN >= 32 elements, so every row starts 16-byte aligned).
 template <int kN, class TS = float>
@@ -383,16 +402,8 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
           : nullptr;
   [[maybe_unused]] std::int64_t const ck_step = static_cast<std::int64_t>(a.d_inner) * N;
   auto store_checkpoint = [&](int t) {
-    float* dst = ckw + static_cast<std::int64_t>(t / kCheckpointInterval) * ck_step;
-    if constexpr (kExact && kNT % 4 == 0) {
-#pragma unroll
-      for (int q = 0; q < kNT / 4; ++q)
-        reinterpret_cast<float4*>(dst)[q] = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < kNT; ++i)
-        if (n0 + i < N) dst[i] = h[i];
-    }
+    store_states<kExact && kNT % 4 == 0>(ckw + static_cast<std::int64_t>(t / kCheckpointInterval) * ck_step, h, n0,
+                                         N);
   };
 
   // Issues the copies of the tile starting at time t into stage s: the block's threads walk
@@ -942,18 +953,32 @@ namespace mambabyte::ssm {
 /// fewest exponentials (one per state per step) but has only batch x channel-blocks blocks
 /// (kThreads channels each): while those do not fill one wave, the SMs hold few warps and the
 /// time loop is latency-bound. The chunked scan does about 1.9x the exponentials but can fill
-/// the wave. Measured (docs/cuda.md): one chunk once the channel blocks fill a wave; else as
-/// many chunks as fit in one wave (floor(wave / blocks), at least 2), chunks a multiple of 64
-/// steps and at least 256 long.
+/// the wave. Measured (docs/cuda.md, run 117: every policy at batch 1-16 x length 2048-32768):
+///  - one chunk once the channel blocks fill a wave, or fill more than 2/5 of it (then the
+///    single chunk with two threads per channel, auto_split_single, beat 2 chunks by 12-16%);
+///  - the shortest chunks (256 steps) when a wave would need 8 chunks or more (many waves of
+///    short chunks beat one wave of long ones by 2-9% there);
+///  - else as many chunks as fit in one wave (floor(wave / blocks));
+///  chunks a multiple of 64 steps and at least 256 long; lengths under 512: one chunk.
 inline int resolve_auto_cuda(int batch, int length, int d_inner, int wave) {
   long const blocks = static_cast<long>(batch) *
                       ((d_inner + backend::cuda::scan_detail::kThreads - 1) /
                        backend::cuda::scan_detail::kThreads);
-  if (blocks >= wave || length < 512) return 0;
-  long const chunks = std::max(2L, wave / blocks);
-  long chunk = (length + chunks - 1) / chunks;
+  if (blocks >= wave || length < 512 || 5 * blocks > 2L * wave) return 0;
+  long const chunks = wave / blocks;  // >= 2 here
+  long chunk = chunks >= 8 ? 256 : (length + chunks - 1) / chunks;
   chunk = std::max(256L, (chunk + 63) / 64 * 64);
   return chunk >= length ? 0 : static_cast<int>(chunk);
+}
+
+/// Whether Auto's single chunk (resolve_auto_cuda == 0) runs two threads per channel (as
+/// scan::Sequential does): while the channel blocks do not fill a wave (more warps per SM for
+/// the latency-bound time loop); once they do, one thread per channel (fewer instructions).
+inline bool auto_split_single(int batch, int d_inner, int wave) {
+  long const blocks = static_cast<long>(batch) *
+                      ((d_inner + backend::cuda::scan_detail::kThreads - 1) /
+                       backend::cuda::scan_detail::kThreads);
+  return blocks < wave;
 }
 
 /// Auto's reduce split for a chunked run of `chunk_len` (see scan_detail::run_impl): when the
@@ -1063,6 +1088,7 @@ struct SelectiveScan<backend::Cuda, TS, scan::Auto, std::enable_if_t<backend::cu
   /// Auto's choice for these arguments: chunk length (0: Sequential) and reduce split.
   struct Plan {
     int chunk = 0, split = 1;
+    bool split_single = false;  ///< one chunk: two threads per channel (auto_split_single)
   };
   template <backend::cuda::scan_detail::ScanArgsFor<TS> A>
   static Plan plan(A const& a, backend::Cuda const& be) {
@@ -1072,6 +1098,7 @@ struct SelectiveScan<backend::Cuda, TS, scan::Auto, std::enable_if_t<backend::cu
     Plan p;
     p.chunk = resolve_auto_cuda(a.batch, a.length, a.d_inner, wave);
     if (p.chunk != 0) p.split = resolve_auto_reduce_split(a.batch, a.length, a.d_inner, p.chunk, wave);
+    else p.split_single = auto_split_single(a.batch, a.d_inner, wave);
     return p;
   }
   /// Chunk length Auto uses for these arguments (0: Sequential).
@@ -1089,9 +1116,8 @@ struct SelectiveScan<backend::Cuda, TS, scan::Auto, std::enable_if_t<backend::cu
     Base::check(a);
     if (a.batch == 0 || a.length == 0) return;
     Plan const p = plan(a, be);
-    // One chunk here means the channel blocks fill the SMs: no split (fewer instructions).
     backend::cuda::scan_detail::run(backend::cuda::to_mixed(a), p.chunk == 0 ? a.length : p.chunk, ws,
-                                    /*split_single=*/false, be, p.split);
+                                    p.split_single, be, p.split);
   }
 };
 

@@ -734,16 +734,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
       if (!kG || k < nt) {
         if (k % kBwdChunk == 0 && active) {
           int const c = (tt + k) / kBwdChunk;
-          float* dst = ckp + c * ck_step;
-          if constexpr (kExact) {
-#pragma unroll
-            for (int q = 0; q < kNT / 4; ++q)
-              reinterpret_cast<float4*>(dst)[q] = make_float4(h[4 * q], h[4 * q + 1], h[4 * q + 2], h[4 * q + 3]);
-          } else {
-#pragma unroll
-            for (int i = 0; i < kNT; ++i)
-              if (n0 + i < N) dst[i] = h[i];
-          }
+          scan_detail::store_states<kExact>(ckp + c * ck_step, h, n0, N);
           if (store_cum && sub == 0) cump[static_cast<std::int64_t>(c) * a.d_inner] = dsum;
         }
         float const dt = sm.ck.dt[k][ch];
