@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "test_util.hpp"
@@ -189,25 +190,46 @@ TEST_CASE("cuda model: gradients accumulate, are scaled, and are bitwise reprodu
 }
 
 namespace {
+/// One model object, random weights of a config variant and a batch of random tokens (windows
+/// of L + 1 bytes); step() runs one forward_backward and returns the loss, the gradients and
+/// the model's activation_bytes().
+template <class S>
+struct StepFixture {
+  ModelConfig c;
+  int batch, L;
+  std::vector<std::int32_t> tokens;
+  backend::Cuda be = make_be();
+  mcu::DeviceWeights<S> w;
+  mcu::Model<S> m;
+  StepFixture(int variant, int b, int len, std::uint64_t seed)
+      : c(config_variant(variant)), batch(b), L(len), w(random_weights<float>(c, seed), be), m(be) {
+    std::mt19937_64 rng(seed + 1);
+    tokens = random_tokens(static_cast<std::size_t>(batch) * (L + 1), 256, rng);
+  }
+  std::tuple<double, ModelWeights<float>, std::size_t> step() {
+    mcu::DeviceWeights<float> g(c, be);
+    double const loss = m.forward_backward(w, tokens, batch, g);
+    ModelWeights<float> h(c);
+    g.download(h);
+    return {loss, h, m.activation_bytes()};
+  }
+};
+
 /// Loss and every gradient of one step with the activations kept (the default) and recomputed
 /// (set_keep_activations(false)) on the same model object: bitwise equal, also after an
 /// inference call in between (which must not read the training step's per-layer slices).
 template <class S>
 void check_keep_equals_recompute(int variant, int batch, int L, std::uint64_t seed) {
-  auto const c = config_variant(variant);
-  auto const wf = random_weights<float>(c, seed);
-  std::mt19937_64 rng(seed + 1);
-  auto tokens = random_tokens(static_cast<std::size_t>(batch) * (L + 1), 256, rng);
-  auto const be = make_be();
-  mcu::DeviceWeights<S> w(wf, be);
-  mcu::Model<S> m(be);
+  StepFixture<S> f(variant, batch, L, seed);
+  auto const& c = f.c;
+  auto const& tokens = f.tokens;
+  auto const& be = f.be;
+  auto const& w = f.w;
+  auto& m = f.m;
   REQUIRE(m.keep_activations());
   auto run = [&](bool keep) {
     m.set_keep_activations(keep);
-    mcu::DeviceWeights<float> g(c, be);
-    double const loss = m.forward_backward(w, tokens, batch, g);
-    ModelWeights<float> h(c);
-    g.download(h);
+    auto [loss, h, bytes] = f.step();
     return std::pair{loss, h};
   };
   auto const [l_keep, g_keep] = run(true);
@@ -261,21 +283,12 @@ TEST_CASE("cuda model: keeping the scan states: the same loss bit for bit, gradi
   REQUIRE_GPU();
   auto check = [](auto tag, int variant, int batch, int L, std::uint64_t seed, double tol) {
     using S = decltype(tag);
-    auto const c = config_variant(variant);
-    auto const wf = random_weights<float>(c, seed);
-    std::mt19937_64 rng(seed + 1);
-    auto tokens = random_tokens(static_cast<std::size_t>(batch) * (L + 1), 256, rng);
-    auto const be = make_be();
-    mcu::DeviceWeights<S> w(wf, be);
-    mcu::Model<S> m(be);
-    REQUIRE(!m.keep_scan_states());
+    StepFixture<S> f(variant, batch, L, seed);
+    auto const& c = f.c;
+    REQUIRE(!f.m.keep_scan_states());
     auto run = [&](bool keep) {
-      m.set_keep_scan_states(keep);
-      mcu::DeviceWeights<float> g(c, be);
-      double const loss = m.forward_backward(w, tokens, batch, g);
-      ModelWeights<float> h(c);
-      g.download(h);
-      return std::tuple{loss, h, m.activation_bytes()};
+      f.m.set_keep_scan_states(keep);
+      return f.step();
     };
     auto const [l0, g0, b0] = run(false);
     auto const [l1, g1, b1] = run(true);
