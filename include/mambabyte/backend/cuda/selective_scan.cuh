@@ -215,7 +215,7 @@ struct ScanParams {
   StateView h_in;       ///< kWrite: carried-in state per chunk (null: zero)
   StateView h_out;      ///< kReduce: end state of every chunk; kWrite: of the last chunk only
   float* dsum = nullptr;  ///< kReduce: sum of deltas, [(b*n_chunks + c)*d_inner + d]
-  float* ck = nullptr;    ///< kWrite: a.checkpoints (null: none), [(b*ceil(L/4) + t/4)*d_inner + d]*d_state + n
+  float* ck = nullptr;    ///< kWriteCk: a.checkpoints, [(b*ceil(L/4) + t/4)*d_inner + d]*d_state + n
   bool vec_x = false;   ///< bf16: u, delta, z rows 16-byte aligned (cp.async of 8 channels)
   bool vec_bc = false;  ///< bf16: B, C rows 16-byte aligned (cp.async of 8 states)
 };
@@ -393,7 +393,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kThreads * kSplit, kExact ? (kSplit == 1
   bool const has_z = a.z != nullptr;
   float dsum = 0.f;
 
-  // kWrite with checkpoints: the state entering step t (t a multiple of kCheckpointInterval)
+  // kWriteCk: the state entering step t (t a multiple of kCheckpointInterval)
   // into slot t / kCheckpointInterval of this thread's channel (its kNT states contiguous).
   [[maybe_unused]] float* const ckw =
       (kMode == Mode::kWriteCk && active)
