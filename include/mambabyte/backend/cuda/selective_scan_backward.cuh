@@ -1326,12 +1326,19 @@ namespace mambabyte::ssm {
 /// segment, 0 for one segment. `blocks_per_sm`: resident blocks of the scan pass per SM
 /// (backend::cuda::scan_bwd_detail::bwd_blocks_per_sm; the default is the H200 estimate).
 /// The kernels are latency-bound, so a wave of resident blocks costs about the same whether or
-/// not it is full; a segmented run does one more pass (the local adjoint, ~1.2x the work per
-/// element) and pays a fixed start per block (~64 steps). Among one segment and 2..64
-/// segments of at least 256 steps, the rule takes the smallest
-///     ceil(segments x channel-blocks / wave) x (segment length + 64) x (1.2 if segmented).
+/// not it is full; a segmented run does one more pass (the local adjoint, its carry across the
+/// segments and the scan's entering-state correction: kSegmentedCost the work per element) and
+/// pays a fixed start per block (~64 steps). Among one segment and 2..64 segments of at least
+/// 256 steps, the rule takes the smallest
+///     ceil(segments x channel-blocks / wave) x (segment length + 64) x (kSegmentedCost if segmented).
+/// kSegmentedCost 1.4 was fitted to every policy timed at batch 1-16 x d_inner 1024-2048 x
+/// length 2048-8192 on the H200, with and without the forward's states
+/// (bench/results/device-run122-bwd-policy-sweep.log): 1.2 before put (16, 1536, 2048) and
+/// (16, 1536, 8192) on 512- / 2048-step segments, 3% slower than one segment (7% and 6% with the
+/// forward's states); no other shape's choice changes among the timed policies.
 inline int resolve_auto_cuda_backward(int batch, int length, int d_inner, int sms, int blocks_per_sm = 5) {
   namespace sd = backend::cuda::scan_bwd_detail;
+  constexpr double kSegmentedCost = 1.4;
   if (batch <= 0 || length <= 0) return 0;
   long const blocks = static_cast<long>(batch) * ((d_inner + sd::kBwdCh - 1) / sd::kBwdCh);
   long const wave = std::max(1L, static_cast<long>(sms) * std::max(1, blocks_per_sm));
@@ -1339,7 +1346,7 @@ inline int resolve_auto_cuda_backward(int batch, int length, int d_inner, int sm
   constexpr long kMinSegChunks = 256 / sd::kBwdChunk;
   auto cost = [&](long n, long seg_chunks) {
     double const waves = static_cast<double>((n * blocks + wave - 1) / wave);
-    return waves * static_cast<double>(seg_chunks * sd::kBwdChunk + 64) * (n > 1 ? 1.2 : 1.0);
+    return waves * static_cast<double>(seg_chunks * sd::kBwdChunk + 64) * (n > 1 ? kSegmentedCost : 1.0);
   };
   double best = cost(1, nc);
   long best_sc = 0;
