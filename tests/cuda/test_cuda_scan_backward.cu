@@ -171,6 +171,28 @@ TEST_CASE("cuda scan backward from the forward's states: model-like sizes", "[cu
   check_backward_from_forward_states<scan::Auto, scan::Auto>(Runner{}, c, seed++);  // 11 time segments
 }
 
+TEST_CASE("cuda scan backward from the forward's states: the local pass in pieces", "[cuda][backward][small]") {
+  namespace sd = mambabyte::backend::cuda::scan_bwd_detail;
+  // The rule: pieces of at least 32 chunks (128 steps), at most 8 per segment.
+  CHECK(sd::local_split(512) == 8);  // (4, 2048, 8192): 2048-step segments
+  CHECK(sd::local_split(256) == 8);
+  CHECK(sd::local_split(128) == 4);  // (1, 2048, 8192): 512-step segments
+  CHECK(sd::local_split(64) == 2);
+  CHECK(sd::local_split(63) == 1);
+  CHECK(sd::local_split(4) == 1);
+  REQUIRE_GPU();
+  // Shapes where the pieces are split and some are empty (the last segment is short), against
+  // the CPU double backward: 4 segments of 1024 steps, the last of 100 (8 pieces of 32 chunks:
+  // one of 25, seven empty); 4 segments of 256 steps, the last of 20 (2 pieces: 5 chunks, empty).
+  using mbtest::check_backward_from_forward_states;
+  std::uint64_t seed = 980;
+  mbtest::ScanCase c;
+  c.batch = 1; c.length = 3 * 1024 + 100; c.d_inner = 40;
+  check_backward_from_forward_states<scan::Auto, scan::Chunked<1024>>(Runner{}, c, seed++);
+  c.batch = 2; c.length = 3 * 256 + 20; c.d_inner = 33; c.bc = mbtest::BcLayout::kPlain;
+  check_backward_from_forward_states<scan::Sequential, scan::Chunked<256>>(Runner{}, c, seed++);
+}
+
 TEST_CASE("cuda scan: checkpoints only from forwards that write them, aligned", "[cuda][scan][small]") {
   namespace mcu = mambabyte::backend::cuda;
   using Ch6 = ssm::SelectiveScan<Cuda, float, scan::Chunked<6>>;  // chunk boundaries off the 4-step grid
@@ -205,7 +227,9 @@ TEST_CASE("cuda scan: checkpoints only from forwards that write them, aligned", 
 
 TEST_CASE("cuda scan backward: the given states are what it uses", "[cuda][backward][small]") {
   // The workspace shrinks by exactly the checkpoint pass's part (states every 4 steps, and the
-  // per-chunk delta sums of a segmented run), a misaligned buffer is refused, and states that
+  // per-chunk delta sums of a segmented run; segmented, the local pass keeps one piece per
+  // segment > 0 here, and the segment states and delta sums it no longer needs are one
+  // segment's (state + sum) less), a misaligned buffer is refused, and states that
   // are not the forward's change the result: scaled by 2, the recomputed output and the
   // gradients no longer match the oracle (so the backward reads them and does not recompute).
   namespace mcu = mambabyte::backend::cuda;
@@ -219,7 +243,7 @@ TEST_CASE("cuda scan backward: the given states are what it uses", "[cuda][backw
   float const fake = 0;
   g.checkpoints = &fake;  // only presence matters for the size
   CHECK(plain_seq - Seq::workspace_bytes(g, Cuda{}) == 4 * std::size_t(3) * nc * 70 * 16);
-  CHECK(plain_ch - Ch16::workspace_bytes(g, Cuda{}) == 4 * std::size_t(3) * nc * 70 * (16 + 1));
+  CHECK(plain_ch - Ch16::workspace_bytes(g, Cuda{}) == 4 * std::size_t(3) * (nc + 1) * 70 * (16 + 1));
   REQUIRE_GPU();
   mbtest::ScanCase c;
   c.batch = 2; c.length = 37; c.d_inner = 70; c.out = true;

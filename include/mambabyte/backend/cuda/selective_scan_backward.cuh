@@ -33,8 +33,10 @@
  *  Given the forward's states (MixedScanBackwardArguments::checkpoints: the forward scan wrote
  *  the state entering every 4th step, MixedScanArguments::checkpoints), bwd_scan reads them in
  *  place of ck (true states: no entering-state correction), bwd_local runs only the adjoint
- *  blocks of segments > 0 (which then also sum their segments' deltas for the carry),
- *  bwd_seg_carry only the adjoint carry, and the workspace has no checkpoint or delta-sum part:
+ *  blocks of segments > 0, each over a piece of its segment (local_split(): pieces of at least
+ *  128 steps, up to 8 per segment, so that the pass has blocks enough when the segments are
+ *  few; they also sum their pieces' deltas for the carry), bwd_seg_carry composes the pieces
+ *  into the adjoint carries, and the workspace has no checkpoint or delta-sum part:
  *  2 exponentials per state-step with one segment, ~3 with segments.
  *  No atomics: results are bitwise deterministic for a given device, shape and policy.
  *  Exponentials per state-step: 3 with one segment (checkpoint pass, recompute, reverse sweep),
@@ -48,7 +50,8 @@
  *    + batch x S x d_inner x (d_state + 2) (parameter partials)
  *    + (S > 1, not with the forward's states) batch x ceil(L/4) x d_inner (delta sums)
  *    + (S > 1) batch x S x d_inner x (2 d_state + 1)
- *    (segment states, carries, delta sums).
+ *    (segment states, carries, delta sums; with the forward's states batch x d_inner x
+ *    (S d_state + (S - 1) x pieces x (d_state + 1)): carries, the pieces' adjoints and delta sums).
  *  About 2.6 GB at (8, 2048, 8192, 16). d_state <= 32 (16: exact fast path); more: kUnsupported.
  *
  *  bf16 storage: ssm::SelectiveScanBackward<backend::Cuda, __nv_bfloat16, Policy> (same
@@ -253,7 +256,28 @@ struct BwdParams {
   /// forward sweep in bwd_local, no entering-state correction in bwd_scan, and the adjoint
   /// blocks sum their segment's deltas for the carry.
   bool given_ck = false;
+  /// With the forward's checkpoints: bwd_local's adjoint sweeps run over pieces, loc_split
+  /// (local_split()) per segment > 0 (ceil(seg_chunks / loc_split) chunks each; the last ones
+  /// may be shorter or empty), so that the pass has enough blocks when the scan's segments are
+  /// few; bwd_seg_carry composes the pieces' carries into Qs.
+  int loc_split = 1;
+  int loc_chunks = 0;      ///< chunks per piece
+  float* Ql = nullptr;     ///< [batch][(n_seg - 1) loc_split][d_state][d_inner]: a piece's local adjoint a_t0 g_t0
+  float* dsl = nullptr;    ///< [batch][(n_seg - 1) loc_split][d_inner]: a piece's sum of deltas
 };
+
+/// Most pieces per segment of the local adjoint pass, and the fewest chunks in a piece.
+inline constexpr int kMaxLocalSplit = 8;
+inline constexpr int kMinPieceChunks = 32;
+
+/// Pieces per segment of the local adjoint pass with the forward's checkpoints: as many as
+/// pieces of at least kMinPieceChunks chunks (128 steps) allow, up to kMaxLocalSplit. The
+/// pass's sweeps are latency-bound (a block's time follows its length) and, with the states
+/// given, there is one block per channel block and segment > 0 only: 384 blocks of 2048 steps
+/// at (4, 2048, 8192, 16), a third of what the SMs hold. Measured there (bf16, run 125): the
+/// backward with 1 / 2 / 4 / 8 pieces per segment 2.449-2.456 / 2.399-2.400 / 2.365-2.381 /
+/// 2.353-2.357 ms; at (1, 2048, 8192, 16) (512-step segments) 4 pieces 0.651 ms against 0.668-0.670.
+inline int local_split(int seg_chunks) { return std::clamp(seg_chunks / kMinPieceChunks, 1, kMaxLocalSplit); }
 
 inline int state_cap(int d_state) { return d_state <= 16 ? 16 : 32; }
 
@@ -647,7 +671,9 @@ __device__ __forceinline__ float* ck_slot(BwdParams<TS> const& p, int b, int c, 
 /// and the segment's sum of deltas in dsum. blockIdx.y >= n_seg (time-parallel runs only): the
 /// adjoint recurrence of segment blockIdx.y - n_seg + 1 from a zero carry backwards over it
 /// (it needs only dy, C and the decays, not the forward), a_t0 g_t0 into Qs; these blocks run
-/// alongside the forward ones, so every block of the pass does one sweep of one segment.
+/// alongside the forward ones, so every block of the pass does one sweep of one segment. With
+/// the forward's checkpoints there are only adjoint blocks, blockIdx.y = piece q of the segments
+/// > 0 (BwdParams::loc_split per segment): a_t0 g_t0 of the piece into Ql, its delta sum into dsl.
 /// Full tiles run unguarded straight-line code; only a ragged last tile takes the guarded copy.
 template <int kN, bool kExact, class TS = float>
 MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2 ? kLocalMinBlocksBf16 : kLocalMinBlocks) : 2)
@@ -660,7 +686,8 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
   int const N = kExact ? kN : a.d_state;
   int const tid = threadIdx.x, ch = tid / kBwdSplit, sub = tid % kBwdSplit, n0 = sub * kNT;
   int const d = blockIdx.x * kBwdCh + ch;
-  // with the forward's checkpoints only the adjoint blocks are launched
+  // with the forward's checkpoints only adjoint blocks are launched, one per piece q of the
+  // segments > 0 (segment 1 + q / loc_split, its piece q % loc_split)
   int const y = static_cast<int>(blockIdx.y) + (p.given_ck ? p.n_seg : 0);
   bool const adjoint = y >= p.n_seg;  // block-uniform
   int const sg = adjoint ? y - p.n_seg + 1 : y;
@@ -669,8 +696,17 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
   int const dc = active ? d : a.d_inner - 1;
   constexpr float kLog2e = 1.4426950408889634f;
   std::int64_t const sN = static_cast<std::int64_t>(a.d_inner) * N;
-  int const t_begin = sg * p.seg_chunks * kBwdChunk;
-  int const t_end = min(a.length, t_begin + p.seg_chunks * kBwdChunk);
+  int t_begin = sg * p.seg_chunks * kBwdChunk;
+  int t_end = min(a.length, t_begin + p.seg_chunks * kBwdChunk);
+  int const q = static_cast<int>(blockIdx.y);  // the piece (given_ck)
+  if (p.given_ck) {
+    int const sgq = 1 + q / p.loc_split, j = q - (sgq - 1) * p.loc_split;
+    int const seg_end = min(p.n_chunks, (sgq + 1) * p.seg_chunks);
+    int const c0 = min(seg_end, sgq * p.seg_chunks + j * p.loc_chunks);
+    int const c1 = min(seg_end, c0 + p.loc_chunks);
+    t_begin = c0 * kBwdChunk;
+    t_end = min(a.length, c1 * kBwdChunk);  // t_begin == t_end: an empty piece (zero carry, zero sum)
+  }
   if (tid < kBwdCh) {  // read by bwd_cook after the walk's first barrier
     int const col = blockIdx.x * kBwdCh + tid;
     sm.ck.bias[tid] = (a.delta_bias && col < a.d_inner) ? a.delta_bias[col] : 0.f;
@@ -712,11 +748,14 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
         },
         [](int) {});
     if (active) {
-      std::int64_t const slot = (static_cast<std::int64_t>(b) * p.n_seg + sg) * sN + d;
+      int const nq = (p.n_seg - 1) * p.loc_split;
+      std::int64_t const row = p.given_ck ? static_cast<std::int64_t>(b) * nq + q
+                                          : static_cast<std::int64_t>(b) * p.n_seg + sg;
+      float* const dst = (p.given_ck ? p.Ql : p.Qs) + row * sN + d;
 #pragma unroll
       for (int i = 0; i < kNT; ++i)
-        if (n0 + i < N) p.Qs[slot + static_cast<std::int64_t>(n0 + i) * a.d_inner] = h[i];
-      if (p.given_ck && sub == 0) p.dsum[(static_cast<std::int64_t>(b) * p.n_seg + sg) * a.d_inner + d] = asum;
+        if (n0 + i < N) dst[static_cast<std::int64_t>(n0 + i) * a.d_inner] = h[i];
+      if (p.given_ck && sub == 0) p.dsl[row * a.d_inner + d] = asum;
     }
     return;
   }
@@ -1092,7 +1131,9 @@ MAMBABYTE_KERNEL void bwd_reduce_params(BwdParams<TS> const p) {
 /// loaded kSegBatch at a time before any is used, so that a chain of 2 x segments steps waits
 /// for about 2 x segments / kSegBatch memory latencies, not one per step.
 /// On exit Hs[s] = state entering segment s (0 for segment 0, whose local pass started from
-/// initial_state), Qs[s] = adjoint carry entering it from its end.
+/// initial_state), Qs[s] = adjoint carry entering it from its end. With the forward's
+/// checkpoints only Qs, composed from the pieces of the local adjoint pass (Ql, dsl), last to
+/// first.
 inline constexpr int kSegBatch = 8;
 
 template <class TS = float>
@@ -1108,11 +1149,37 @@ MAMBABYTE_KERNEL void __launch_bounds__(128) bwd_seg_carry(BwdParams<TS> const p
   constexpr float kLog2e = 1.4426950408889634f;
   float const A2 = a.A[static_cast<std::int64_t>(d) * N + n] * kLog2e;
   std::int64_t const base = static_cast<std::int64_t>(b) * S;
+  // With the forward's checkpoints: only the adjoint carries, from the local pass's pieces.
+  if (p.given_ck) {
+    float run = a.dfinal_state ? a.dfinal_state[b * sN + static_cast<std::int64_t>(d) * N + n] : 0.f;
+    // pieces q = (sg - 1) loc_split + j of the segments sg > 0, last to first; after the first
+    // piece of segment sg, run is the carry entering segment sg - 1 from its end
+    int const F = p.loc_split, nq = (S - 1) * F;
+    std::int64_t const qbase = static_cast<std::int64_t>(b) * nq;
+    p.Qs[(base + S - 1) * sN + i] = run;
+    for (int q1 = nq - 1; q1 >= 0; q1 -= kSegBatch) {
+      float loc[kSegBatch], dec[kSegBatch];
+#pragma unroll
+      for (int j = 0; j < kSegBatch; ++j) {
+        int const q = q1 - j;
+        loc[j] = q >= 0 ? p.Ql[(qbase + q) * sN + i] : 0.f;
+        dec[j] = q >= 0 ? p.dsl[(qbase + q) * a.d_inner + d] : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kSegBatch; ++j) {
+        int const q = q1 - j;
+        if (q >= 0) {
+          run = fmaf(ex2_approx(dec[j] * A2), run, loc[j]);
+          if (q % F == 0) p.Qs[(base + q / F) * sN + i] = run;  // entering segment q / F = sg - 1
+        }
+      }
+    }
+    return;
+  }
   float const* const dsum = p.dsum + base * a.d_inner + d;  // segment sg at dsum[sg * d_inner]
-  // Forward: Hs[sg] (local end state from zero, none for the last) -> state entering sg (not
-  // needed with the forward's checkpoints).
+  // Forward: Hs[sg] (local end state from zero, none for the last) -> state entering sg.
   float run = 0.f;
-  for (int s0 = 0; s0 < (p.given_ck ? 0 : S); s0 += kSegBatch) {
+  for (int s0 = 0; s0 < S; s0 += kSegBatch) {
     float loc[kSegBatch], dec[kSegBatch];
 #pragma unroll
     for (int j = 0; j < kSegBatch; ++j) {
@@ -1138,7 +1205,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(128) bwd_seg_carry(BwdParams<TS> const p
     for (int j = 0; j < kSegBatch; ++j) {
       int const sg = s1 - j;
       loc[j] = sg > 0 ? p.Qs[(base + sg) * sN + i] : 0.f;
-      // (segment 0's sum decays nothing that is used; with the forward's checkpoints no block wrote it)
+      // (segment 0's sum decays nothing that is used)
       dec[j] = sg > 0 ? dsum[static_cast<std::int64_t>(sg) * a.d_inner] : 0.f;
     }
 #pragma unroll
@@ -1184,7 +1251,10 @@ WorkspaceLayout layout(Args const& a, int seg_chunks) {
   if (ns > 1 && !given) w.cum = static_cast<std::size_t>(a.batch) * nc * a.d_inner;
   w.bc = blocks_d * a.batch * static_cast<std::size_t>(a.length) * 2 * state_cap(a.d_state);
   w.par = static_cast<std::size_t>(a.batch) * ns * a.d_inner * (a.d_state + 2);
-  if (ns > 1) w.seg = static_cast<std::size_t>(a.batch) * ns * a.d_inner * (2 * a.d_state + 1);
+  if (ns > 1 && !given) w.seg = static_cast<std::size_t>(a.batch) * ns * a.d_inner * (2 * a.d_state + 1);
+  if (ns > 1 && given)  // Qs per segment, the local pass's pieces (Ql, dsl)
+    w.seg = static_cast<std::size_t>(a.batch) * a.d_inner *
+            (ns * a.d_state + (ns - 1) * static_cast<std::size_t>(local_split(seg_chunks)) * (a.d_state + 1));
   return w;
 }
 
@@ -1229,7 +1299,7 @@ void run_impl(BwdParams<TS>& p, cudaStream_t stream) {
   auto const& a = p.a;
   dim3 const grid(p.blocks_d, p.n_seg, a.batch);
   // forward sweeps (none with the forward's checkpoints), then adjoint sweeps of segments > 0
-  dim3 const local_grid(p.blocks_d, p.given_ck ? p.n_seg - 1 : 2 * p.n_seg - 1, a.batch);
+  dim3 const local_grid(p.blocks_d, p.given_ck ? (p.n_seg - 1) * p.loc_split : 2 * p.n_seg - 1, a.batch);
   if (local_grid.y > 0) {
     prepare_local_kernel<kN, kExact, TS>()<<<local_grid, kBwdThreads, sizeof(BwdLocalSmem<kN, TS>), stream>>>(p);
     MAMBABYTE_CUDA_CHECK(cudaGetLastError());
@@ -1280,11 +1350,21 @@ void run(MixedScanBackwardArguments<TS> const& a, int seg_chunks, void* ws, Cuda
   p.n_seg = segment_count(a.length, seg_chunks);
   p.seg_chunks = p.n_seg > 1 ? seg_chunks : p.n_chunks;
   require(2 * p.n_seg - 1 <= 65535, "selective scan backward (CUDA): too many time segments");
-  if (p.n_seg > 1) {
+  if (p.n_seg > 1 && !p.given_ck) {
     std::size_t const S = static_cast<std::size_t>(a.batch) * p.n_seg * a.d_inner * a.d_state;
     p.Hs = p.par + w.par;
     p.Qs = p.Hs + S;
     p.dsum = p.Qs + S;
+  }
+  if (p.n_seg > 1 && p.given_ck) {
+    std::size_t const S = static_cast<std::size_t>(a.batch) * p.n_seg * a.d_inner * a.d_state;
+    std::size_t const Q = static_cast<std::size_t>(a.batch) * (p.n_seg - 1) * local_split(p.seg_chunks) * a.d_inner * a.d_state;
+    p.Qs = p.par + w.par;
+    p.Ql = p.Qs + S;
+    p.dsl = p.Ql + Q;
+    p.loc_split = local_split(p.seg_chunks);
+    p.loc_chunks = (p.seg_chunks + p.loc_split - 1) / p.loc_split;
+    require((p.n_seg - 1) * p.loc_split <= 65535, "selective scan backward (CUDA): too many time segments");
   }
   if (p.n_seg <= 1 || p.given_ck) p.cum = nullptr;
   p.vec_x = rows_aligned16(a.u, a.ld_u) && rows_aligned16(a.delta, a.ld_delta) &&
