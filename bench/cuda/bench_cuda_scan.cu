@@ -356,6 +356,7 @@ void run_shapes(Ctx const& cx) {
         brow_ck(scan::Chunked<512>{}, "chunked<512>");
         brow_ck(scan::Chunked<1024>{}, "chunked<1024>");
         brow_ck(scan::Chunked<2048>{}, "chunked<2048>");
+        brow_ck(scan::Chunked<4096>{}, "chunked<4096>");
         brow_ck(scan::Auto{}, "auto");
       }
       if (want("auto")) {

@@ -173,13 +173,16 @@ TEST_CASE("cuda scan backward from the forward's states: model-like sizes", "[cu
 
 TEST_CASE("cuda scan backward from the forward's states: the local pass in pieces", "[cuda][backward][small]") {
   namespace sd = mambabyte::backend::cuda::scan_bwd_detail;
-  // The rule: pieces of at least 32 chunks (128 steps), at most 8 per segment.
-  CHECK(sd::local_split(512) == 8);  // (4, 2048, 8192): 2048-step segments
-  CHECK(sd::local_split(256) == 8);
-  CHECK(sd::local_split(128) == 4);  // (1, 2048, 8192): 512-step segments
-  CHECK(sd::local_split(64) == 2);
-  CHECK(sd::local_split(63) == 1);
-  CHECK(sd::local_split(4) == 1);
+  // The rule: pieces of at least 32 chunks (128 steps), at most 8 per segment, and at most
+  // 65535 pieces in all (a grid dimension).
+  CHECK(sd::local_split(512, 4) == 8);  // (4, 2048, 8192): 2048-step segments
+  CHECK(sd::local_split(256, 4) == 8);
+  CHECK(sd::local_split(128, 16) == 4);  // (1, 2048, 8192): 512-step segments
+  CHECK(sd::local_split(64, 4) == 2);
+  CHECK(sd::local_split(63, 4) == 1);
+  CHECK(sd::local_split(4, 3) == 1);
+  CHECK(sd::local_split(512, 10001) == 6);  // 65535 / 10000
+  CHECK(sd::local_split(512, 40000) == 1);
   REQUIRE_GPU();
   // Shapes where the pieces are split and some are empty (the last segment is short), against
   // the CPU double backward: 4 segments of 1024 steps, the last of 100 (8 pieces of 32 chunks:
@@ -190,6 +193,9 @@ TEST_CASE("cuda scan backward from the forward's states: the local pass in piece
   c.batch = 1; c.length = 3 * 1024 + 100; c.d_inner = 40;
   check_backward_from_forward_states<scan::Auto, scan::Chunked<1024>>(Runner{}, c, seed++);
   c.batch = 2; c.length = 3 * 256 + 20; c.d_inner = 33; c.bc = mbtest::BcLayout::kPlain;
+  check_backward_from_forward_states<scan::Sequential, scan::Chunked<256>>(Runner{}, c, seed++);
+  // a ragged last chunk (the empty piece starts past the end) and the general d_state path
+  c.batch = 1; c.length = 3 * 256 + 21; c.d_state = 12;
   check_backward_from_forward_states<scan::Sequential, scan::Chunked<256>>(Runner{}, c, seed++);
 }
 

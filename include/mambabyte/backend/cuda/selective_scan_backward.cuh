@@ -33,10 +33,11 @@
  *  Given the forward's states (MixedScanBackwardArguments::checkpoints: the forward scan wrote
  *  the state entering every 4th step, MixedScanArguments::checkpoints), bwd_scan reads them in
  *  place of ck (true states: no entering-state correction), bwd_local runs only the adjoint
- *  blocks of segments > 0, each over a piece of its segment (local_split(): pieces of at least
- *  128 steps, up to 8 per segment, so that the pass has blocks enough when the segments are
- *  few; they also sum their pieces' deltas for the carry), bwd_seg_carry composes the pieces
- *  into the adjoint carries, and the workspace has no checkpoint or delta-sum part:
+ *  blocks of segments > 0, each over a piece of its segment (local_split(): segments of 256
+ *  steps or more split into pieces of at least 128, up to 8 per segment; the last segment's may
+ *  be shorter or empty; so that the pass has blocks enough when the segments are few; they also
+ *  sum their pieces' deltas for the carry), bwd_seg_carry composes the pieces into the adjoint
+ *  carries, and the workspace has no checkpoint or per-chunk delta-sum part:
  *  2 exponentials per state-step with one segment, ~3 with segments.
  *  No atomics: results are bitwise deterministic for a given device, shape and policy.
  *  Exponentials per state-step: 3 with one segment (checkpoint pass, recompute, reverse sweep),
@@ -254,7 +255,7 @@ struct BwdParams {
   bool vec_out = false;    ///< dz, out, du, ddelta rows aligned to kBwdGroup elements: vector stores
   /// ck holds the forward's checkpoints (a.checkpoints: true states, not segment-local): no
   /// forward sweep in bwd_local, no entering-state correction in bwd_scan, and the adjoint
-  /// blocks sum their segment's deltas for the carry.
+  /// blocks sum their pieces' deltas for the carry.
   bool given_ck = false;
   /// With the forward's checkpoints: bwd_local's adjoint sweeps run over pieces, loc_split
   /// (local_split()) per segment > 0 (ceil(seg_chunks / loc_split) chunks each; the last ones
@@ -277,7 +278,11 @@ inline constexpr int kMinPieceChunks = 32;
 /// at (4, 2048, 8192, 16), a third of what the SMs hold. Measured there (bf16, run 125): the
 /// backward with 1 / 2 / 4 / 8 pieces per segment 2.449-2.456 / 2.399-2.400 / 2.365-2.381 /
 /// 2.353-2.357 ms; at (1, 2048, 8192, 16) (512-step segments) 4 pieces 0.651 ms against 0.668-0.670.
-inline int local_split(int seg_chunks) { return std::clamp(seg_chunks / kMinPieceChunks, 1, kMaxLocalSplit); }
+/// (n_seg: the segments; the pieces of the segments > 0 are a grid dimension, at most 65535.)
+inline int local_split(int seg_chunks, int n_seg) {
+  int const f = std::clamp(seg_chunks / kMinPieceChunks, 1, kMaxLocalSplit);
+  return std::max(1, std::min(f, 65535 / std::max(1, n_seg - 1)));
+}
 
 inline int state_cap(int d_state) { return d_state <= 16 ? 16 : 32; }
 
@@ -690,22 +695,24 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
   // segments > 0 (segment 1 + q / loc_split, its piece q % loc_split)
   int const y = static_cast<int>(blockIdx.y) + (p.given_ck ? p.n_seg : 0);
   bool const adjoint = y >= p.n_seg;  // block-uniform
-  int const sg = adjoint ? y - p.n_seg + 1 : y;
+  int const sg = adjoint ? y - p.n_seg + 1 : y;  // the segment (not used with the forward's checkpoints)
   int const b = blockIdx.z;
   bool const active = d < a.d_inner;
   int const dc = active ? d : a.d_inner - 1;
   constexpr float kLog2e = 1.4426950408889634f;
   std::int64_t const sN = static_cast<std::int64_t>(a.d_inner) * N;
-  int t_begin = sg * p.seg_chunks * kBwdChunk;
-  int t_end = min(a.length, t_begin + p.seg_chunks * kBwdChunk);
   int const q = static_cast<int>(blockIdx.y);  // the piece (given_ck)
+  int t_begin, t_end;  // the steps this block sweeps
   if (p.given_ck) {
     int const sgq = 1 + q / p.loc_split, j = q - (sgq - 1) * p.loc_split;
     int const seg_end = min(p.n_chunks, (sgq + 1) * p.seg_chunks);
     int const c0 = min(seg_end, sgq * p.seg_chunks + j * p.loc_chunks);
     int const c1 = min(seg_end, c0 + p.loc_chunks);
-    t_begin = c0 * kBwdChunk;
-    t_end = min(a.length, c1 * kBwdChunk);  // t_begin == t_end: an empty piece (zero carry, zero sum)
+    t_end = min(a.length, c1 * kBwdChunk);
+    t_begin = min(t_end, c0 * kBwdChunk);  // t_begin == t_end: an empty piece (zero carry, zero sum)
+  } else {
+    t_begin = sg * p.seg_chunks * kBwdChunk;
+    t_end = min(a.length, t_begin + p.seg_chunks * kBwdChunk);
   }
   if (tid < kBwdCh) {  // read by bwd_cook after the walk's first barrier
     int const col = blockIdx.x * kBwdCh + tid;
@@ -724,7 +731,7 @@ MAMBABYTE_KERNEL void __launch_bounds__(kBwdThreads, kN == 16 ? (sizeof(TS) == 2
   if (adjoint) {
     // ---- adjoint from a zero carry, backwards over the segment ----
     // (with the forward's checkpoints there are no forward blocks: these also sum the
-    // segment's deltas, which the carry across segments needs)
+    // piece's deltas, which the carry across segments needs)
     float asum = 0.f;
     auto adj_tile = [&](int nt, auto guarded) {
       constexpr bool kG = decltype(guarded)::value;
@@ -1128,7 +1135,8 @@ MAMBABYTE_KERNEL void bwd_reduce_params(BwdParams<TS> const p) {
 
 /// Time-parallel runs, pass 1b (a thread per (batch, state, channel): the recurrences of
 /// different states are independent): carries across segments. The segments' values are
-/// loaded kSegBatch at a time before any is used, so that a chain of 2 x segments steps waits
+/// loaded kSegBatch at a time before any is used, so that a chain of 2 x segments steps (with the
+/// forward's checkpoints: (segments - 1) x pieces) waits
 /// for about 2 x segments / kSegBatch memory latencies, not one per step.
 /// On exit Hs[s] = state entering segment s (0 for segment 0, whose local pass started from
 /// initial_state), Qs[s] = adjoint carry entering it from its end. With the forward's
@@ -1254,7 +1262,7 @@ WorkspaceLayout layout(Args const& a, int seg_chunks) {
   if (ns > 1 && !given) w.seg = static_cast<std::size_t>(a.batch) * ns * a.d_inner * (2 * a.d_state + 1);
   if (ns > 1 && given)  // Qs per segment, the local pass's pieces (Ql, dsl)
     w.seg = static_cast<std::size_t>(a.batch) * a.d_inner *
-            (ns * a.d_state + (ns - 1) * static_cast<std::size_t>(local_split(seg_chunks)) * (a.d_state + 1));
+            (ns * a.d_state + (ns - 1) * static_cast<std::size_t>(local_split(seg_chunks, static_cast<int>(ns))) * (a.d_state + 1));
   return w;
 }
 
@@ -1358,11 +1366,11 @@ void run(MixedScanBackwardArguments<TS> const& a, int seg_chunks, void* ws, Cuda
   }
   if (p.n_seg > 1 && p.given_ck) {
     std::size_t const S = static_cast<std::size_t>(a.batch) * p.n_seg * a.d_inner * a.d_state;
-    std::size_t const Q = static_cast<std::size_t>(a.batch) * (p.n_seg - 1) * local_split(p.seg_chunks) * a.d_inner * a.d_state;
+    std::size_t const Q = static_cast<std::size_t>(a.batch) * (p.n_seg - 1) * local_split(p.seg_chunks, p.n_seg) * a.d_inner * a.d_state;
     p.Qs = p.par + w.par;
     p.Ql = p.Qs + S;
     p.dsl = p.Ql + Q;
-    p.loc_split = local_split(p.seg_chunks);
+    p.loc_split = local_split(p.seg_chunks, p.n_seg);
     p.loc_chunks = (p.seg_chunks + p.loc_split - 1) / p.loc_split;
     require((p.n_seg - 1) * p.loc_split <= 65535, "selective scan backward (CUDA): too many time segments");
   }
