@@ -137,6 +137,49 @@ int main(int argc, char** argv) {
       }
     std::printf("%-24s %10.0f %10.0f\n", what[e], sum / cnt, mx);
   }
+  // Skew: SM clocks are not comparable across blocks, but a block's wait inside an exchange is
+  // (slowest writer's arrival - its own arrival) + the round trip, so the block with the
+  // shortest wait in a layer is (about) the last to arrive. Per exchange segment: the spread of
+  // the blocks' mean waits over the layers, and the blocks most often last (shortest wait).
+  {
+    int const segs[4] = {1, 8, 9, 15};
+    for (int k : segs) {
+      std::vector<double> mean(static_cast<std::size_t>(G), 0.0);
+      std::vector<int> last(static_cast<std::size_t>(G), 0);
+      int nl = 0;
+      for (int l = 2; l < L - 1; ++l, ++nl) {
+        int arg = 0;
+        double best = 1e18;
+        for (int g = 0; g < G; ++g) {
+          double const d = st_(l, g, k) - st_(l, g, k - 1);
+          mean[static_cast<std::size_t>(g)] += d;
+          if (d < best) best = d, arg = g;
+        }
+        ++last[static_cast<std::size_t>(arg)];
+      }
+      for (auto& m : mean) m /= nl;
+      std::vector<int> idx(static_cast<std::size_t>(G));
+      for (int g = 0; g < G; ++g) idx[static_cast<std::size_t>(g)] = g;
+      std::sort(idx.begin(), idx.end(), [&](int a, int b) { return mean[static_cast<std::size_t>(a)] < mean[static_cast<std::size_t>(b)]; });
+      std::printf("skew %-22s block mean wait: min %.0f (block %d) p10 %.0f median %.0f p90 %.0f max %.0f; shortest-mean blocks:",
+                  names[k], mean[static_cast<std::size_t>(idx[0])], idx[0], mean[static_cast<std::size_t>(idx[static_cast<std::size_t>(G / 10)])],
+                  mean[static_cast<std::size_t>(idx[static_cast<std::size_t>(G / 2)])], mean[static_cast<std::size_t>(idx[static_cast<std::size_t>(G * 9 / 10)])],
+                  mean[static_cast<std::size_t>(idx[static_cast<std::size_t>(G - 1)])]);
+      for (int i = 0; i < 6; ++i) std::printf(" %d", idx[static_cast<std::size_t>(i)]);
+      std::printf("; last most often:");
+      std::vector<int> li(idx);
+      std::sort(li.begin(), li.end(), [&](int a, int b) { return last[static_cast<std::size_t>(a)] > last[static_cast<std::size_t>(b)]; });
+      for (int i = 0; i < 6; ++i) std::printf(" %d(%d)", li[static_cast<std::size_t>(i)], last[static_cast<std::size_t>(li[static_cast<std::size_t>(i)])]);
+      std::printf(" of %d layers\n", nl);
+    }
+    // per-block compute time (no exchange waits): norm..x_proj (segments 3..7) and dt/state (11), means
+    std::vector<double> comp(static_cast<std::size_t>(G), 0.0);
+    for (int l = 2; l < L - 1; ++l)
+      for (int g = 0; g < G; ++g) comp[static_cast<std::size_t>(g)] += (st_(l, g, 7) - st_(l, g, 2)) + (st_(l, g, 11) - st_(l, g, 9));
+    auto mm = std::minmax_element(comp.begin(), comp.end());
+    std::printf("per-block compute (A after R, B after X) mean over layers: min %.0f (block %d) max %.0f (block %d)\n",
+                *mm.first / (L - 3), int(mm.first - comp.begin()), *mm.second / (L - 3), int(mm.second - comp.begin()));
+  }
   // globaltimer granularity: smallest non-zero difference seen
   double gran = 1e18;
   for (int l = 0; l < L; ++l)
