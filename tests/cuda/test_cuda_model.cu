@@ -323,6 +323,58 @@ TEST_CASE("cuda model: keeping the scan states: the same loss bit for bit, gradi
   assoc.set_keep_scan_states(false);
 }
 
+TEST_CASE("cuda model: a step that does not fit in device memory is refused with what to change, and the model "
+          "stays usable", "[cuda][model][small]") {
+  REQUIRE_GPU();
+  // a device buffer larger than any GPU: the message names the size and the device's free memory
+  try {
+    mambabyte::backend::cuda::DeviceBuffer<float> huge(std::size_t(1) << 50);
+    FAIL("a 4 PiB allocation succeeded");
+  } catch (Error const& e) {
+    std::string const m = e.what();
+    CAPTURE(m);
+    CHECK_THAT(m, Catch::Contains("cannot allocate 4503599627370496 bytes"));
+    CHECK_THAT(m, Catch::Contains("GiB free of"));
+  }
+  CHECK(cudaGetLastError() == cudaSuccess);  // not left as the next call's error
+  // a training step of ~1 TB at 256 x 8192 bytes (8 layers, d_inner 4096): refused before it runs,
+  // naming the two memory options and their sizes
+  ModelConfig big;
+  big.d_model = 2048; big.n_layer = 8; big.d_state = 16; big.d_conv = 4; big.tie_embeddings = false;
+  big.finalize();
+  auto const be = make_be();
+  mcu::Model<mcu::bf16> m(be);
+  m.set_keep_scan_states(true);
+  {
+    mcu::DeviceWeights<mcu::bf16> w(big, be);  // zeros: the step never gets to read them
+    mcu::DeviceWeights<float> g(big, be);
+    std::vector<std::int32_t> tokens(std::size_t(256) * 8193, 65);
+    try {
+      (void)m.forward_backward(w, tokens, 256, g);
+      FAIL("a ~1 TB training step ran");
+    } catch (Error const& e) {
+      std::string const msg = e.what();
+      CAPTURE(msg);
+      CHECK_THAT(msg, Catch::Contains("the training step at 256 x 8192 bytes does not fit in device memory"));
+      CHECK_THAT(msg, Catch::Contains("cannot allocate"));
+      CHECK_THAT(msg, Catch::Contains("set_keep_activations(false), CLI --recompute-activations, saves"));
+      CHECK_THAT(msg, Catch::Contains("set_keep_scan_states(false), CLI without --keep-scan-states"));
+    }
+    CHECK(cudaGetLastError() == cudaSuccess);
+  }
+  // the same model object then trains a small model as if nothing had happened: against a fresh one
+  StepFixture<mcu::bf16> f(0, 2, 37, 430);
+  mcu::DeviceWeights<float> g1(f.c, be), g2(f.c, be);
+  double const l1 = m.forward_backward(f.w, f.tokens, f.batch, g1);
+  double const l2 = f.m.forward_backward(f.w, f.tokens, f.batch, g2);
+  CHECK(std::isfinite(l1));
+  CHECK(l1 == l2);
+  ModelWeights<float> h1(f.c), h2(f.c);
+  g1.download(h1);
+  g2.download(h2);
+  CHECK(rel_err(h1.flat(), h2.flat()) < 1e-2);  // with the scan states kept (m) against without (f.m)
+}
+
 TEST_CASE("cuda model: a step that keeps activations equals one that recomputes them, bitwise", "[cuda][model][small]") {
   REQUIRE_GPU();
   for (int v = 0; v < 3; ++v) {

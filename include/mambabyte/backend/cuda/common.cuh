@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <limits>
+#include <sstream>
 #include <type_traits>
 #include <utility>
 
@@ -135,8 +137,26 @@ class DeviceBuffer {
  private:
   void allocate(std::size_t n) {
     if (n == 0) return;
+    require(n <= std::numeric_limits<std::size_t>::max() / sizeof(T), "device memory: ", n, " elements of ",
+            sizeof(T), " bytes overflow the address space");
     void* p = nullptr;
-    MAMBABYTE_CUDA_CHECK(cudaMalloc(&p, n * sizeof(T)));
+    cudaError_t const st = cudaMalloc(&p, n * sizeof(T));
+    if (st != cudaSuccess) {
+      (void)cudaGetLastError();  // an allocation failure is not sticky: clear it for the caller
+      int dev = -1;
+      (void)cudaGetDevice(&dev);
+      std::size_t free_b = 0, total_b = 0;
+      bool const known = cudaMemGetInfo(&free_b, &total_b) == cudaSuccess;
+      (void)cudaGetLastError();
+      auto gib = [](std::size_t b) { return static_cast<double>(b) / double(1ull << 30); };
+      std::ostringstream os;
+      os.setf(std::ios::fixed);
+      os.precision(2);
+      os << "device memory: cannot allocate " << n * sizeof(T) << " bytes (" << gib(n * sizeof(T)) << " GiB) on device "
+         << dev << ": " << cudaGetErrorString(st);
+      if (known) os << " (" << gib(free_b) << " GiB free of " << gib(total_b) << " GiB)";
+      fail(os.str());
+    }
     data_ = static_cast<T*>(p);
     size_ = n;
   }

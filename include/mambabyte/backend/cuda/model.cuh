@@ -55,6 +55,8 @@
 #include <limits>
 #include <numbers>
 #include <span>
+#include <sstream>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -492,9 +494,9 @@ class Model {
   template <class V>
   void fit(bc::DeviceBuffer<V>& b, std::size_t n) {
     if (b.size() < n) {
+      ++generation_;  // a captured decode graph that used the old buffer is stale (also if the allocation fails)
       b = bc::DeviceBuffer<V>();  // free first: peak memory is the new size, not old + new
       b = bc::DeviceBuffer<V>(n, be_);
-      ++generation_;  // a captured decode graph that used the old buffer is stale
     }
   }
 
@@ -584,18 +586,38 @@ class Model {
     keeping_ = keep_activations_ && backward;
     keeping_states_ = keep_scan_states_ && backward;
     after_training_ = true;
-    fit_common(nl_, nl_ + 1);
-    fit(dh_, M * dm);
-    fit(dy_, M * di);
-    fit(du_, M * di);
-    fit(ddt_, M * di);
-    fit(dxz_, M * 2 * di);
-    fit(dxdbl_, M * X);
-    fit(dlogits_, M * kClasses);
-    fit(dres_, M * dm);
-    fit(dA_, di * N_);
-    if (keeping_states_) fit(states_, static_cast<std::size_t>(nl_) * states_stride());
-    fit(ws_, workspace_bytes(true));
+    try {
+      fit_common(nl_, nl_ + 1);
+      fit(dh_, M * dm);
+      fit(dy_, M * di);
+      fit(du_, M * di);
+      fit(ddt_, M * di);
+      fit(dxz_, M * 2 * di);
+      fit(dxdbl_, M * X);
+      fit(dlogits_, M * kClasses);
+      fit(dres_, M * dm);
+      fit(dA_, di * N_);
+      if (keeping_states_) fit(states_, static_cast<std::size_t>(nl_) * states_stride());
+      fit(ws_, workspace_bytes(true));
+    } catch (Error const& e) {
+      // what the step needs, and what the memory options would give back (docs/cuda.md)
+      auto gib = [](double b) { return b / double(1ull << 30); };
+      double const kept = double(nl_) * double(layer_stride(keeping_)) * sizeof(S);
+      double const kept_extra = keeping_ ? double(nl_) * double(round64(M * di) + round64(M * dm)) * sizeof(S) : 0.0;
+      double const states = keeping_states_ ? double(nl_) * double(states_stride()) * sizeof(float) : 0.0;
+      std::ostringstream os;
+      os.setf(std::ios::fixed);
+      os.precision(1);
+      os << "cuda::Model: the training step at " << batch << " x " << L << " bytes does not fit in device memory ("
+         << e.what() << "). Its largest buffers: the per-layer activations kept for the backward, " << gib(kept)
+         << " GiB";
+      if (keeping_) os << " (set_keep_activations(false), CLI --recompute-activations, saves " << gib(kept_extra) << ")";
+      if (keeping_states_)
+        os << "; the scan states kept from the forward, " << gib(states)
+           << " GiB (set_keep_scan_states(false), CLI without --keep-scan-states)";
+      os << ". A smaller batch or sequence length shrinks all of them in proportion.";
+      fail(os.str());
+    }
     in_.copy_from_host(in.data(), M, be_.stream);
     tgt_.copy_from_host(tgt.data(), M, be_.stream);
   }
