@@ -611,7 +611,8 @@ class Model {
       os << "cuda::Model: the training step at " << batch << " x " << L << " bytes does not fit in device memory ("
          << e.what() << "). Its largest buffers: the per-layer activations kept for the backward, " << gib(kept)
          << " GiB";
-      if (keeping_) os << " (set_keep_activations(false), CLI --recompute-activations, saves " << gib(kept_extra) << ")";
+      if (keeping_)
+        os << " (set_keep_activations(false), CLI --recompute-activations, saves " << gib(kept_extra) << " GiB)";
       if (keeping_states_)
         os << "; the scan states kept from the forward, " << gib(states)
            << " GiB (set_keep_scan_states(false), CLI without --keep-scan-states)";
