@@ -142,42 +142,50 @@ int main(int argc, char** argv) {
   // shortest wait in a layer is (about) the last to arrive. Per exchange segment: the spread of
   // the blocks' mean waits over the layers, and the blocks most often last (shortest wait).
   {
-    int const segs[4] = {1, 8, 9, 15};
+    // the blocks that take part in each segment's exchange: R and X fetches the channel blocks
+    // (lo.nxb), the Y wait the out_proj row blocks (lo.ncb; stamp 12 without the fused Y fetch, 15
+    // with it, where the wait is inside the GEMV), the column sums every block
+    int const segs[5] = {1, 8, 9, 12, 15};
     for (int k : segs) {
-      std::vector<double> mean(static_cast<std::size_t>(G), 0.0);
-      std::vector<int> last(static_cast<std::size_t>(G), 0);
+      int const Gk = (k == 12 || k == 15) ? lo.ncb : (k == 8 ? G : lo.nxb);
+      std::vector<double> mean(static_cast<std::size_t>(Gk), 0.0);
+      std::vector<int> last(static_cast<std::size_t>(Gk), 0);
       int nl = 0;
       for (int l = 2; l < L - 1; ++l, ++nl) {
         int arg = 0;
         double best = 1e18;
-        for (int g = 0; g < G; ++g) {
+        for (int g = 0; g < Gk; ++g) {
           double const d = st_(l, g, k) - st_(l, g, k - 1);
           mean[static_cast<std::size_t>(g)] += d;
           if (d < best) best = d, arg = g;
         }
         ++last[static_cast<std::size_t>(arg)];
       }
+      if (nl == 0 || Gk == 0) continue;
       for (auto& m : mean) m /= nl;
-      std::vector<int> idx(static_cast<std::size_t>(G));
-      for (int g = 0; g < G; ++g) idx[static_cast<std::size_t>(g)] = g;
+      std::vector<int> idx(static_cast<std::size_t>(Gk));
+      for (int g = 0; g < Gk; ++g) idx[static_cast<std::size_t>(g)] = g;
       std::sort(idx.begin(), idx.end(), [&](int a, int b) { return mean[static_cast<std::size_t>(a)] < mean[static_cast<std::size_t>(b)]; });
       std::printf("skew %-22s block mean wait: min %.0f (block %d) p10 %.0f median %.0f p90 %.0f max %.0f; shortest-mean blocks:",
-                  names[k], mean[static_cast<std::size_t>(idx[0])], idx[0], mean[static_cast<std::size_t>(idx[static_cast<std::size_t>(G / 10)])],
-                  mean[static_cast<std::size_t>(idx[static_cast<std::size_t>(G / 2)])], mean[static_cast<std::size_t>(idx[static_cast<std::size_t>(G * 9 / 10)])],
-                  mean[static_cast<std::size_t>(idx[static_cast<std::size_t>(G - 1)])]);
-      for (int i = 0; i < 6; ++i) std::printf(" %d", idx[static_cast<std::size_t>(i)]);
+                  names[k], mean[static_cast<std::size_t>(idx[0])], idx[0], mean[static_cast<std::size_t>(idx[static_cast<std::size_t>(Gk / 10)])],
+                  mean[static_cast<std::size_t>(idx[static_cast<std::size_t>(Gk / 2)])], mean[static_cast<std::size_t>(idx[static_cast<std::size_t>(Gk * 9 / 10)])],
+                  mean[static_cast<std::size_t>(idx[static_cast<std::size_t>(Gk - 1)])]);
+      int const shown = std::min(6, Gk);
+      for (int i = 0; i < shown; ++i) std::printf(" %d", idx[static_cast<std::size_t>(i)]);
       std::printf("; last most often:");
       std::vector<int> li(idx);
       std::sort(li.begin(), li.end(), [&](int a, int b) { return last[static_cast<std::size_t>(a)] > last[static_cast<std::size_t>(b)]; });
-      for (int i = 0; i < 6; ++i) std::printf(" %d(%d)", li[static_cast<std::size_t>(i)], last[static_cast<std::size_t>(li[static_cast<std::size_t>(i)])]);
+      for (int i = 0; i < shown; ++i) std::printf(" %d(%d)", li[static_cast<std::size_t>(i)], last[static_cast<std::size_t>(li[static_cast<std::size_t>(i)])]);
       std::printf(" of %d layers\n", nl);
     }
-    // per-block compute time (no exchange waits): norm..x_proj (segments 3..7) and dt/state (11), means
-    std::vector<double> comp(static_cast<std::size_t>(G), 0.0);
+    // per-block compute time of the channel blocks (no exchange or weight waits): norm .. x_proj
+    // partials (stamps 3 -> 7) and dt / state / y (10 -> 11), means over the layers
+    std::vector<double> comp(static_cast<std::size_t>(lo.nxb), 0.0);
     for (int l = 2; l < L - 1; ++l)
-      for (int g = 0; g < G; ++g) comp[static_cast<std::size_t>(g)] += (st_(l, g, 7) - st_(l, g, 2)) + (st_(l, g, 11) - st_(l, g, 9));
+      for (int g = 0; g < lo.nxb; ++g) comp[static_cast<std::size_t>(g)] += (st_(l, g, 7) - st_(l, g, 3)) + (st_(l, g, 11) - st_(l, g, 10));
     auto mm = std::minmax_element(comp.begin(), comp.end());
-    std::printf("per-block compute (A after R, B after X) mean over layers: min %.0f (block %d) max %.0f (block %d)\n",
+    if (!comp.empty() && L > 3)
+    std::printf("per-block compute (norm .. x_proj partials, dt / state / y) mean over layers: min %.0f (block %d) max %.0f (block %d)\n",
                 *mm.first / (L - 3), int(mm.first - comp.begin()), *mm.second / (L - 3), int(mm.second - comp.begin()));
   }
   // globaltimer granularity: smallest non-zero difference seen

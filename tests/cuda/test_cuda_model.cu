@@ -323,8 +323,10 @@ TEST_CASE("cuda model: keeping the scan states: the same loss bit for bit, gradi
   assoc.set_keep_scan_states(false);
 }
 
+// Not in [small]: compute-sanitizer counts the two deliberately failing cudaMalloc calls (and the
+// cudaGetLastError that clears each) as API errors (run 139: 4 such reports, no memory errors).
 TEST_CASE("cuda model: a step that does not fit in device memory is refused with what to change, and the model "
-          "stays usable", "[cuda][model][small]") {
+          "stays usable", "[cuda][model][oom]") {
   REQUIRE_GPU();
   // a device buffer larger than any GPU: the message names the size and the device's free memory
   try {
@@ -360,8 +362,10 @@ TEST_CASE("cuda model: a step that does not fit in device memory is refused with
       CHECK_THAT(msg, Catch::Matches(".*kept for the backward, [0-9.]+ GiB \\(set_keep_activations\\(false\\), CLI "
                                      "--recompute-activations, saves [0-9.]+ GiB\\).*"));
       CHECK_THAT(msg, Catch::Contains("set_keep_scan_states(false), CLI without --keep-scan-states"));
+      CHECK_THAT(msg, Catch::Contains("the residual stream of every layer, 144.0 GiB"));  // 9 x 256 x 8192 x 2048 x 4
     }
     CHECK(cudaGetLastError() == cudaSuccess);
+    CHECK(m.activation_bytes() == 0);  // what the failed call did allocate was given back
   }
   // the same model object then trains a small model as if nothing had happened: against a fresh one
   StepFixture<mcu::bf16> f(0, 2, 37, 430);

@@ -82,6 +82,13 @@ class ScopedDevice {
   int current_ = 0;
 };
 
+/// What DeviceBuffer throws when cudaMalloc fails: a mambabyte::Error whose message names the
+/// size, the device and its free memory (callers may catch it to add what the memory was for).
+class OutOfMemory : public Error {
+ public:
+  using Error::Error;
+};
+
 /// Owning, move-only array of `size()` elements of T in device memory (cudaMalloc/cudaFree).
 /// The contents start uninitialised. Host copies are ordered on the given stream and complete
 /// before they return (the host pointer may be pageable memory).
@@ -155,7 +162,7 @@ class DeviceBuffer {
       os << "device memory: cannot allocate " << n * sizeof(T) << " bytes (" << gib(n * sizeof(T)) << " GiB) on device "
          << dev << ": " << cudaGetErrorString(st);
       if (known) os << " (" << gib(free_b) << " GiB free of " << gib(total_b) << " GiB)";
-      fail(os.str());
+      throw OutOfMemory(os.str());
     }
     data_ = static_cast<T*>(p);
     size_ = n;

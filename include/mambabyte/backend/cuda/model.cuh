@@ -491,6 +491,17 @@ class Model {
   using Scan = ssm::SelectiveScan<backend::Cuda, S, ScanPolicy>;
   using ScanBackward = ssm::SelectiveScanBackward<backend::Cuda, S, ScanPolicy>;
 
+  /// Gives back every activation, scratch and workspace buffer (a failed step's partial sizes);
+  /// the next call allocates what it needs, and captured decode graphs are stale.
+  void release_scratch() {
+    ++generation_;
+    auto drop = [](auto&... b) { ((b = std::remove_reference_t<decltype(b)>()), ...); };
+    drop(r_, logits_, row_loss_, dres_, A_, dA_, h_end_, xpart_, kept_, normed_, h_, dh_, u_, dt_, y_, dy_, du_,
+         ddt_, dxz_, dxdbl_, dlogits_, ones_, in_, tgt_, loss_dev_, ws_, states_, cx_part_);
+    rows_ = 0;
+    after_training_ = true;  // the next inference call fits its buffers again
+  }
+
   template <class V>
   void fit(bc::DeviceBuffer<V>& b, std::size_t n) {
     if (b.size() < n) {
@@ -537,7 +548,6 @@ class Model {
       std::vector<S> one(M, static_cast<S>(1.f));
       ones_.copy_from_host(one.data(), M, be_.stream);
     }
-    rows_ = M;
   }
 
   static std::size_t round64(std::size_t n) { return (n + 63) / 64 * 64; }
@@ -599,18 +609,24 @@ class Model {
       fit(dA_, di * N_);
       if (keeping_states_) fit(states_, static_cast<std::size_t>(nl_) * states_stride());
       fit(ws_, workspace_bytes(true));
-    } catch (Error const& e) {
-      // what the step needs, and what the memory options would give back (docs/cuda.md)
+      rows_ = M;
+    } catch (bc::OutOfMemory const& e) {
+      // what the step needs, and what the memory options would give back (docs/cuda.md); the
+      // buffers this call did allocate are given back, so that a smaller step fits as in a fresh model
       auto gib = [](double b) { return b / double(1ull << 30); };
+      double const resid = double(nl_ + 1) * double(M) * double(dm) * sizeof(float);
       double const kept = double(nl_) * double(layer_stride(keeping_)) * sizeof(S);
-      double const kept_extra = keeping_ ? double(nl_) * double(round64(M * di) + round64(M * dm)) * sizeof(S) : 0.0;
+      // recomputing keeps u and the normed input of one layer at a time (u_ and normed_ scratch)
+      double const kept_extra =
+          keeping_ ? double(nl_) * double(round64(M * di) + round64(M * dm)) * sizeof(S) - double(M * di) * sizeof(S) : 0.0;
       double const states = keeping_states_ ? double(nl_) * double(states_stride()) * sizeof(float) : 0.0;
+      release_scratch();
       std::ostringstream os;
       os.setf(std::ios::fixed);
       os.precision(1);
       os << "cuda::Model: the training step at " << batch << " x " << L << " bytes does not fit in device memory ("
-         << e.what() << "). Its largest buffers: the per-layer activations kept for the backward, " << gib(kept)
-         << " GiB";
+         << e.what() << "). Its largest buffers: the residual stream of every layer, " << gib(resid)
+         << " GiB; the per-layer activations kept for the backward, " << gib(kept) << " GiB";
       if (keeping_)
         os << " (set_keep_activations(false), CLI --recompute-activations, saves " << gib(kept_extra) << " GiB)";
       if (keeping_states_)
@@ -633,9 +649,15 @@ class Model {
       same = false;
     }
     if (!same) {
+      rows_ = 0;  // set once every buffer below is there: a failed allocation leaves the shape "not ready"
       fit_common(1, 1);
       fit(ws_, workspace_bytes(false));
-      if (h_end_.size() != std::size_t(batch) * di_ * N_) h_end_ = bc::DeviceBuffer<float>(std::size_t(batch) * di_ * N_, be_);
+      if (h_end_.size() != std::size_t(batch) * di_ * N_) {
+        ++generation_;
+        h_end_ = bc::DeviceBuffer<float>();
+        h_end_ = bc::DeviceBuffer<float>(std::size_t(batch) * di_ * N_, be_);
+      }
+      rows_ = M_;
     }
     bool const fusable = allow_fused_ && std::is_same_v<S, bf16> && length == 1;
     persistent_ = fusable && allow_persistent_ && batch <= kPersistentDecodeMaxBatch &&
